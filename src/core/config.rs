@@ -1,0 +1,921 @@
+//! Plugin configuration: the JSON users write, checked once in
+//! `on_configure` and compiled into the form the request path uses.
+//!
+//! Every error names the field by its JSON path, for example
+//! `rules[0].targets[1].cluster: missing`, and says how to fix it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+
+use super::headers;
+use super::matcher::{self, HeaderMatcher, PathMatcher, RequestMatcher, ValueMatcher};
+use super::sampling::Rate;
+
+pub const DEFAULT_MARKER_HEADER: &str = "x-mesh-fanout";
+pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
+pub const DEFAULT_SAMPLE_KEY: &str = "x-request-id";
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
+/// The side call's body is held in the worker's memory until the request
+/// ends, so one request may not pin more than this.
+pub const MAX_BODY_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
+/// Names become segments of Envoy stat names, so they stay short and
+/// free of dots.
+const MAX_NAME_LEN: usize = 64;
+
+/// A configuration problem, with the JSON path of the offending field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn error(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub marker_header: String,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug)]
+pub struct Rule {
+    pub name: String,
+    pub matcher: RequestMatcher,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug)]
+pub struct Target {
+    pub name: String,
+    pub cluster: String,
+    pub timeout_ms: u64,
+    pub sample_rate: Rate,
+    pub sample_key: String,
+    pub authority: Option<String>,
+    pub path: Option<String>,
+    /// Applied after `remove_headers`; each name replaces all its values.
+    pub set_headers: Vec<(String, String)>,
+    pub remove_headers: Vec<String>,
+    pub body: bool,
+    pub max_body_bytes: usize,
+}
+
+impl Config {
+    /// The first rule whose matcher accepts the request, in configured order.
+    pub fn first_match(&self, request_headers: &[(String, Vec<u8>)]) -> Option<(usize, &Rule)> {
+        self.rules
+            .iter()
+            .enumerate()
+            .find(|(_, rule)| rule.matcher.matches(request_headers))
+    }
+}
+
+/// A valid configuration plus warnings worth logging at startup.
+#[derive(Debug)]
+pub struct Parsed {
+    pub config: Config,
+    pub warnings: Vec<String>,
+}
+
+/// Parses and validates the plugin configuration.
+pub fn parse(bytes: &[u8]) -> Result<Parsed, ConfigError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(error(
+            "configuration",
+            "missing; set the Wasm filter's `configuration` (Istio: `pluginConfig`) to the plugin JSON",
+        ));
+    }
+    let raw: RawConfig = deserialize(bytes)?;
+    compile(raw)
+}
+
+/// Runs serde with path tracking, so type errors name the field.
+fn deserialize(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let raw = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let mut path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        // serde reports a missing field at its parent; point at the field.
+        if let Some(field) = missing_field_name(&message) {
+            path = if path == "." {
+                field.to_string()
+            } else {
+                format!("{path}.{field}")
+            };
+            return error(path, "missing");
+        }
+        if path == "." {
+            return error("", message);
+        }
+        error(path, strip_position(&message))
+    })?;
+    deserializer.end().map_err(|e| {
+        error(
+            "",
+            format!("trailing characters after the JSON value ({e})"),
+        )
+    })?;
+    Ok(raw)
+}
+
+fn missing_field_name(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("missing field `")?;
+    rest.split('`').next()
+}
+
+/// Drops serde_json's " at line L column C" suffix, which the JSON path
+/// makes redundant.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(end) => message.get(..end).unwrap_or(message).to_string(),
+        None => message.to_string(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_marker_header")]
+    marker_header: String,
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    #[serde(rename = "match", default)]
+    match_: RawMatch,
+    #[serde(default)]
+    mode: Mode,
+    targets: Vec<RawTarget>,
+}
+
+#[derive(Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    #[default]
+    Shadow,
+    Fanout,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    #[serde(default)]
+    methods: Vec<String>,
+    path: Option<RawPathMatch>,
+    #[serde(default)]
+    headers: Vec<RawHeaderMatch>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPathMatch {
+    prefix: Option<String>,
+    exact: Option<String>,
+    regex: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderMatch {
+    name: String,
+    exact: Option<String>,
+    prefix: Option<String>,
+    regex: Option<String>,
+    present: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: String,
+    cluster: String,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_sample_percent")]
+    sample_percent: f64,
+    #[serde(default = "default_sample_key")]
+    sample_key: String,
+    authority: Option<String>,
+    path: Option<String>,
+    #[serde(default)]
+    headers: RawHeaderEdits,
+    #[serde(default = "default_true")]
+    body: bool,
+    #[serde(default = "default_max_body_bytes")]
+    max_body_bytes: u64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderEdits {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+fn default_marker_header() -> String {
+    DEFAULT_MARKER_HEADER.to_string()
+}
+fn default_timeout_ms() -> u64 {
+    DEFAULT_TIMEOUT_MS
+}
+fn default_sample_percent() -> f64 {
+    100.0
+}
+fn default_sample_key() -> String {
+    DEFAULT_SAMPLE_KEY.to_string()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_body_bytes() -> u64 {
+    DEFAULT_MAX_BODY_BYTES
+}
+
+fn compile(raw: RawConfig) -> Result<Parsed, ConfigError> {
+    let mut warnings = Vec::new();
+
+    check_header_name("marker_header", &raw.marker_header)?;
+
+    if raw.rules.is_empty() {
+        warnings
+            .push("rules: empty, so the filter passes every request through untouched".to_string());
+    }
+
+    let mut rules = Vec::with_capacity(raw.rules.len());
+    for (i, raw_rule) in raw.rules.into_iter().enumerate() {
+        let path = format!("rules[{i}]");
+        let rule = compile_rule(&path, raw_rule, &raw.marker_header)?;
+        if let Some(previous) = rules.iter().position(|r: &Rule| r.name == rule.name) {
+            return Err(error(
+                format!("{path}.name"),
+                format!(
+                    "duplicate name {:?} (also rules[{previous}]); give each rule a unique name",
+                    rule.name
+                ),
+            ));
+        }
+        rules.push(rule);
+    }
+
+    Ok(Parsed {
+        config: Config {
+            marker_header: raw.marker_header,
+            rules,
+        },
+        warnings,
+    })
+}
+
+fn compile_rule(path: &str, raw: RawRule, marker_header: &str) -> Result<Rule, ConfigError> {
+    check_name(&format!("{path}.name"), &raw.name)?;
+
+    if raw.mode == Mode::Fanout {
+        // TODO: fan-out mode (awaited side calls) is not built yet.
+        return Err(error(
+            format!("{path}.mode"),
+            "\"fanout\" is not supported yet; use \"shadow\" or leave `mode` out",
+        ));
+    }
+
+    let matcher = compile_match(&format!("{path}.match"), raw.match_)?;
+
+    if raw.targets.is_empty() {
+        return Err(error(
+            format!("{path}.targets"),
+            "empty; add at least one target",
+        ));
+    }
+    let mut targets: Vec<Target> = Vec::with_capacity(raw.targets.len());
+    for (j, raw_target) in raw.targets.into_iter().enumerate() {
+        let target_path = format!("{path}.targets[{j}]");
+        let target = compile_target(&target_path, raw_target, marker_header)?;
+        if let Some(previous) = targets.iter().position(|t| t.name == target.name) {
+            return Err(error(
+                format!("{target_path}.name"),
+                format!(
+                    "duplicate name {:?} (also {path}.targets[{previous}]); give each target in a rule a unique name",
+                    target.name
+                ),
+            ));
+        }
+        targets.push(target);
+    }
+
+    Ok(Rule {
+        name: raw.name,
+        matcher,
+        targets,
+    })
+}
+
+fn compile_match(path: &str, raw: RawMatch) -> Result<RequestMatcher, ConfigError> {
+    for (i, method) in raw.methods.iter().enumerate() {
+        let valid = !method.is_empty()
+            && method
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+        if !valid {
+            return Err(error(
+                format!("{path}.methods[{i}]"),
+                format!(
+                    "invalid method {method:?}; methods are case-sensitive, write them in upper case such as \"{}\"",
+                    method.to_ascii_uppercase()
+                ),
+            ));
+        }
+    }
+
+    let path_matcher = match raw.path {
+        None => None,
+        Some(p) => Some(compile_path_match(&format!("{path}.path"), p)?),
+    };
+
+    let mut header_matchers = Vec::with_capacity(raw.headers.len());
+    for (i, h) in raw.headers.into_iter().enumerate() {
+        header_matchers.push(compile_header_match(&format!("{path}.headers[{i}]"), h)?);
+    }
+
+    Ok(RequestMatcher {
+        methods: raw.methods,
+        path: path_matcher,
+        headers: header_matchers,
+    })
+}
+
+fn compile_path_match(path: &str, raw: RawPathMatch) -> Result<PathMatcher, ConfigError> {
+    let matcher = match (raw.prefix, raw.exact, raw.regex) {
+        (Some(prefix), None, None) => {
+            check_path_value(&format!("{path}.prefix"), &prefix)?;
+            PathMatcher::Prefix(prefix)
+        }
+        (None, Some(exact), None) => {
+            check_path_value(&format!("{path}.exact"), &exact)?;
+            PathMatcher::Exact(exact)
+        }
+        (None, None, Some(regex)) => {
+            PathMatcher::Regex(matcher::compile_full_match(&regex).map_err(|e| {
+                error(
+                    format!("{path}.regex"),
+                    format!("invalid regex {regex:?}: {e}"),
+                )
+            })?)
+        }
+        _ => {
+            return Err(error(
+                path,
+                "set exactly one of `prefix`, `exact` or `regex`",
+            ));
+        }
+    };
+    Ok(matcher)
+}
+
+fn compile_header_match(path: &str, raw: RawHeaderMatch) -> Result<HeaderMatcher, ConfigError> {
+    let name = raw.name.to_ascii_lowercase();
+    check_header_name(&format!("{path}.name"), &name)?;
+
+    let value = match (raw.exact, raw.prefix, raw.regex, raw.present) {
+        (Some(exact), None, None, None) => ValueMatcher::Exact(exact.into_bytes()),
+        (None, Some(prefix), None, None) => ValueMatcher::Prefix(prefix.into_bytes()),
+        (None, None, Some(regex), None) => {
+            ValueMatcher::Regex(matcher::compile_full_match(&regex).map_err(|e| {
+                error(
+                    format!("{path}.regex"),
+                    format!("invalid regex {regex:?}: {e}"),
+                )
+            })?)
+        }
+        (None, None, None, Some(present)) => ValueMatcher::Present(present),
+        _ => {
+            return Err(error(
+                path,
+                "set exactly one of `exact`, `prefix`, `regex` or `present`",
+            ));
+        }
+    };
+    Ok(HeaderMatcher { name, value })
+}
+
+fn compile_target(path: &str, raw: RawTarget, marker_header: &str) -> Result<Target, ConfigError> {
+    check_name(&format!("{path}.name"), &raw.name)?;
+
+    if raw.cluster.is_empty() {
+        return Err(error(
+            format!("{path}.cluster"),
+            "empty; name an Envoy cluster",
+        ));
+    }
+    if raw
+        .cluster
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(error(
+            format!("{path}.cluster"),
+            format!(
+                "invalid cluster name {:?}; cluster names contain no spaces or control characters",
+                raw.cluster
+            ),
+        ));
+    }
+
+    if raw.timeout_ms == 0 || raw.timeout_ms > MAX_TIMEOUT_MS {
+        return Err(error(
+            format!("{path}.timeout_ms"),
+            format!(
+                "{} is out of range; use 1 to {MAX_TIMEOUT_MS}",
+                raw.timeout_ms
+            ),
+        ));
+    }
+
+    if !raw.sample_percent.is_finite() || !(0.0..=100.0).contains(&raw.sample_percent) {
+        return Err(error(
+            format!("{path}.sample_percent"),
+            format!("{} is out of range; use 0 to 100", raw.sample_percent),
+        ));
+    }
+
+    let sample_key = raw.sample_key.to_ascii_lowercase();
+    check_header_name(&format!("{path}.sample_key"), &sample_key)?;
+
+    if let Some(authority) = &raw.authority {
+        let valid = !authority.is_empty()
+            && !authority
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
+        if !valid {
+            return Err(error(
+                format!("{path}.authority"),
+                format!("invalid authority {authority:?}; use a host or host:port"),
+            ));
+        }
+    }
+
+    if let Some(side_path) = &raw.path {
+        check_path_value(&format!("{path}.path"), side_path)?;
+    }
+
+    let (set_headers, remove_headers) =
+        compile_header_edits(&format!("{path}.headers"), raw.headers, marker_header)?;
+
+    if raw.max_body_bytes > MAX_BODY_BYTES_LIMIT {
+        return Err(error(
+            format!("{path}.max_body_bytes"),
+            format!(
+                "{} is out of range; use 0 to {MAX_BODY_BYTES_LIMIT}",
+                raw.max_body_bytes
+            ),
+        ));
+    }
+    let max_body_bytes = usize::try_from(raw.max_body_bytes).map_err(|_| {
+        error(
+            format!("{path}.max_body_bytes"),
+            format!("{} does not fit this platform's memory", raw.max_body_bytes),
+        )
+    })?;
+
+    Ok(Target {
+        name: raw.name,
+        cluster: raw.cluster,
+        timeout_ms: raw.timeout_ms,
+        sample_rate: Rate::from_percent(raw.sample_percent),
+        sample_key,
+        authority: raw.authority,
+        path: raw.path,
+        set_headers,
+        remove_headers,
+        body: raw.body,
+        max_body_bytes,
+    })
+}
+
+type HeaderEdits = (Vec<(String, String)>, Vec<String>);
+
+fn compile_header_edits(
+    path: &str,
+    raw: RawHeaderEdits,
+    marker_header: &str,
+) -> Result<HeaderEdits, ConfigError> {
+    let mut set = Vec::with_capacity(raw.set.len());
+    for (name, value) in raw.set {
+        let field = format!("{path}.set.{name}");
+        let lower = name.to_ascii_lowercase();
+        check_editable_header(&field, &lower, marker_header)?;
+        if headers::has_line_break_or_nul(value.as_bytes()) {
+            return Err(error(
+                field,
+                "value contains CR, LF or NUL, which would start a new header line; remove them",
+            ));
+        }
+        if set.iter().any(|(n, _): &(String, String)| *n == lower) {
+            return Err(error(
+                field,
+                "set twice when names are compared case-insensitively; keep one",
+            ));
+        }
+        set.push((lower, value));
+    }
+
+    let mut remove = Vec::with_capacity(raw.remove.len());
+    for (i, name) in raw.remove.into_iter().enumerate() {
+        let field = format!("{path}.remove[{i}]");
+        let lower = name.to_ascii_lowercase();
+        check_editable_header(&field, &lower, marker_header)?;
+        remove.push(lower);
+    }
+
+    Ok((set, remove))
+}
+
+/// Pseudo-headers and hop-by-hop headers are the filter's to write, and
+/// the marker header keeps side calls from looping.
+fn check_editable_header(field: &str, name: &str, marker_header: &str) -> Result<(), ConfigError> {
+    if name.starts_with(':') {
+        return Err(error(
+            field,
+            format!(
+                "{name:?} is a pseudo-header; use the target's `authority` or `path` field instead"
+            ),
+        ));
+    }
+    check_header_name(field, name)?;
+    if headers::is_hop_by_hop(name) {
+        return Err(error(
+            field,
+            format!(
+                "{name:?} is a hop-by-hop header that the filter sets itself; remove this entry"
+            ),
+        ));
+    }
+    if name == marker_header {
+        return Err(error(
+            field,
+            format!("{name:?} is the marker header that prevents loops; remove this entry"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    if headers::is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(error(
+            field,
+            format!("invalid header name {name:?}; use lowercase letters, digits and -"),
+        ))
+    }
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(error(field, "empty; give it a name such as \"signup\""));
+    }
+    let valid = name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(error(
+            field,
+            format!(
+                "invalid name {name:?}; use at most {MAX_NAME_LEN} letters, digits, _ or - (names become parts of stat names)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_path_value(field: &str, value: &str) -> Result<(), ConfigError> {
+    let valid = value.starts_with('/')
+        && !value
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
+    if valid {
+        Ok(())
+    } else {
+        Err(error(
+            field,
+            format!("invalid path {value:?}; start with / and use no spaces or control characters"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ISSUE_EXAMPLE: &str = r#"{
+      "marker_header": "x-mesh-fanout",
+      "rules": [{
+        "name": "signup",
+        "match": {"methods": ["POST"], "path": {"prefix": "/api/v1/register"},
+                  "headers": [{"name": "x-tenant", "exact": "acme"}, {"name": "x-debug", "present": true}]},
+        "mode": "shadow",
+        "targets": [{
+          "name": "analytics", "cluster": "analytics", "timeout_ms": 2000,
+          "sample_percent": 100, "sample_key": "x-request-id",
+          "authority": "analytics.internal", "path": "/ingest",
+          "headers": {"set": {"x-source": "mesh-fanout"}, "remove": ["authorization", "cookie"]},
+          "body": true, "max_body_bytes": 1048576
+        }]
+      }]
+    }"#;
+
+    fn parse_err(json: &str) -> String {
+        match parse(json.as_bytes()) {
+            Ok(_) => panic!("expected an error for {json}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn one_target(target: &str) -> String {
+        format!(r#"{{"rules": [{{"name": "r", "targets": [{target}]}}]}}"#)
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let parsed = parse(ISSUE_EXAMPLE.as_bytes()).unwrap();
+        assert!(parsed.warnings.is_empty());
+        let rule = &parsed.config.rules[0];
+        assert_eq!(rule.name, "signup");
+        assert_eq!(rule.matcher.methods, vec!["POST"]);
+        let target = &rule.targets[0];
+        assert_eq!(target.cluster, "analytics");
+        assert_eq!(target.timeout_ms, 2000);
+        assert_eq!(target.authority.as_deref(), Some("analytics.internal"));
+        assert_eq!(target.path.as_deref(), Some("/ingest"));
+        assert_eq!(
+            target.set_headers,
+            vec![("x-source".to_string(), "mesh-fanout".to_string())]
+        );
+        assert_eq!(target.remove_headers, vec!["authorization", "cookie"]);
+        assert!(target.body);
+        assert_eq!(target.max_body_bytes, 1_048_576);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let parsed = parse(one_target(r#"{"name": "t", "cluster": "c"}"#).as_bytes()).unwrap();
+        let config = parsed.config;
+        assert_eq!(config.marker_header, DEFAULT_MARKER_HEADER);
+        let target = &config.rules[0].targets[0];
+        assert_eq!(target.timeout_ms, DEFAULT_TIMEOUT_MS);
+        assert!(target.sample_rate.always());
+        assert_eq!(target.sample_key, "x-request-id");
+        assert!(target.body);
+        assert_eq!(target.max_body_bytes, 1024 * 1024);
+        assert!(target.authority.is_none());
+        assert!(target.path.is_none());
+    }
+
+    #[test]
+    fn missing_field_named() {
+        assert_eq!(
+            parse_err(
+                r#"{"rules": [{"name": "r", "targets": [{"name": "a", "cluster": "c"}, {"name": "b"}]}]}"#
+            ),
+            "rules[0].targets[1].cluster: missing"
+        );
+        assert_eq!(parse_err(r#"{}"#), "rules: missing");
+    }
+
+    #[test]
+    fn unknown_field_named() {
+        let message = parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "timeout": 5}"#,
+        ));
+        assert!(
+            message.starts_with("rules[0].targets[0].timeout: unknown field `timeout`"),
+            "{message}"
+        );
+        assert!(message.contains("timeout_ms"), "{message}");
+    }
+
+    #[test]
+    fn wrong_type_named() {
+        let message = parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "timeout_ms": "5"}"#,
+        ));
+        assert!(
+            message.starts_with("rules[0].targets[0].timeout_ms: invalid type"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn not_json_rejected() {
+        let message = parse_err("{rules");
+        assert!(message.contains("key must be a string"), "{message}");
+        let message = parse_err(r#"{"rules": []} x"#);
+        assert!(message.contains("trailing characters"), "{message}");
+    }
+
+    #[test]
+    fn empty_configuration_rejected() {
+        assert!(parse_err("  ").starts_with("configuration: missing"));
+    }
+
+    #[test]
+    fn empty_rules_warns() {
+        let parsed = parse(br#"{"rules": []}"#).unwrap();
+        assert_eq!(parsed.warnings.len(), 1);
+    }
+
+    #[test]
+    fn names_checked() {
+        assert_eq!(
+            parse_err(&one_target(r#"{"name": "", "cluster": "c"}"#)),
+            "rules[0].targets[0].name: empty; give it a name such as \"signup\""
+        );
+        assert!(parse_err(&one_target(r#"{"name": "a.b", "cluster": "c"}"#))
+            .starts_with("rules[0].targets[0].name: invalid name \"a.b\""));
+        assert!(parse_err(
+            r#"{"rules": [{"name": "r", "targets": [{"name": "t", "cluster": "c"}]}, {"name": "r", "targets": [{"name": "t", "cluster": "c"}]}]}"#
+        )
+        .starts_with("rules[1].name: duplicate name \"r\" (also rules[0])"));
+        assert!(parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c"}, {"name": "t", "cluster": "d"}"#
+        ))
+        .starts_with("rules[0].targets[1].name: duplicate name \"t\""));
+    }
+
+    #[test]
+    fn no_targets_rejected() {
+        assert_eq!(
+            parse_err(r#"{"rules": [{"name": "r", "targets": []}]}"#),
+            "rules[0].targets: empty; add at least one target"
+        );
+    }
+
+    #[test]
+    fn fanout_rejected_for_now() {
+        let message = parse_err(
+            r#"{"rules": [{"name": "r", "mode": "fanout", "targets": [{"name": "t", "cluster": "c"}]}]}"#,
+        );
+        assert!(
+            message.starts_with("rules[0].mode: \"fanout\" is not supported yet"),
+            "{message}"
+        );
+        let message = parse_err(
+            r#"{"rules": [{"name": "r", "mode": "mirror", "targets": [{"name": "t", "cluster": "c"}]}]}"#,
+        );
+        assert!(
+            message.starts_with("rules[0].mode: unknown variant `mirror`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn ranges_checked() {
+        assert_eq!(
+            parse_err(&one_target(
+                r#"{"name": "t", "cluster": "c", "sample_percent": 100.5}"#
+            )),
+            "rules[0].targets[0].sample_percent: 100.5 is out of range; use 0 to 100"
+        );
+        assert_eq!(
+            parse_err(&one_target(
+                r#"{"name": "t", "cluster": "c", "sample_percent": -1}"#
+            )),
+            "rules[0].targets[0].sample_percent: -1 is out of range; use 0 to 100"
+        );
+        assert_eq!(
+            parse_err(&one_target(
+                r#"{"name": "t", "cluster": "c", "timeout_ms": 0}"#
+            )),
+            "rules[0].targets[0].timeout_ms: 0 is out of range; use 1 to 600000"
+        );
+        assert!(parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "max_body_bytes": 100000000}"#
+        ))
+        .starts_with("rules[0].targets[0].max_body_bytes: 100000000 is out of range"));
+    }
+
+    #[test]
+    fn path_match_needs_exactly_one() {
+        let two = r#"{"rules": [{"name": "r", "match": {"path": {"prefix": "/a", "exact": "/a"}}, "targets": [{"name": "t", "cluster": "c"}]}]}"#;
+        assert_eq!(
+            parse_err(two),
+            "rules[0].match.path: set exactly one of `prefix`, `exact` or `regex`"
+        );
+        let none = r#"{"rules": [{"name": "r", "match": {"path": {}}, "targets": [{"name": "t", "cluster": "c"}]}]}"#;
+        assert_eq!(
+            parse_err(none),
+            "rules[0].match.path: set exactly one of `prefix`, `exact` or `regex`"
+        );
+    }
+
+    #[test]
+    fn bad_regex_named() {
+        let json = r#"{"rules": [{"name": "r", "match": {"path": {"regex": "/a(["}}, "targets": [{"name": "t", "cluster": "c"}]}]}"#;
+        assert!(parse_err(json).starts_with("rules[0].match.path.regex: invalid regex \"/a([\""));
+        let json = r#"{"rules": [{"name": "r", "match": {"headers": [{"name": "x", "regex": "*"}]}, "targets": [{"name": "t", "cluster": "c"}]}]}"#;
+        assert!(parse_err(json).starts_with("rules[0].match.headers[0].regex: invalid regex"));
+    }
+
+    #[test]
+    fn methods_must_be_upper_case() {
+        let json = r#"{"rules": [{"name": "r", "match": {"methods": ["GET", "post"]}, "targets": [{"name": "t", "cluster": "c"}]}]}"#;
+        assert!(parse_err(json).starts_with("rules[0].match.methods[1]: invalid method \"post\""));
+        assert!(parse_err(json).contains("\"POST\""));
+    }
+
+    #[test]
+    fn header_edits_checked() {
+        assert!(parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "headers": {"set": {"x-a": "1\r\nx-evil: 1"}}}"#
+        ))
+        .starts_with("rules[0].targets[0].headers.set.x-a: value contains CR, LF or NUL"));
+        assert!(parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "headers": {"set": {":path": "/x"}}}"#
+        ))
+        .starts_with("rules[0].targets[0].headers.set.:path: \":path\" is a pseudo-header"));
+        assert!(parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "headers": {"remove": ["transfer-encoding"]}}"#
+        ))
+        .starts_with(
+            "rules[0].targets[0].headers.remove[0]: \"transfer-encoding\" is a hop-by-hop header"
+        ));
+        assert!(parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "headers": {"set": {"x-mesh-fanout": "no"}}}"#
+        ))
+        .contains("marker header"));
+        assert!(parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "headers": {"set": {"bad name": "v"}}}"#
+        ))
+        .contains("invalid header name \"bad name\""));
+        assert!(parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "headers": {"set": {"X-A": "1", "x-a": "2"}}}"#
+        ))
+        .contains("set twice"));
+    }
+
+    #[test]
+    fn header_edit_names_lowercased() {
+        let parsed = parse(one_target(r#"{"name": "t", "cluster": "c", "headers": {"set": {"X-Source": "m"}, "remove": ["Cookie"]}}"#).as_bytes()).unwrap();
+        let target = &parsed.config.rules[0].targets[0];
+        assert_eq!(target.set_headers[0].0, "x-source");
+        assert_eq!(target.remove_headers, vec!["cookie"]);
+    }
+
+    #[test]
+    fn authority_and_path_checked() {
+        assert!(parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "authority": "a b"}"#
+        ))
+        .starts_with("rules[0].targets[0].authority: invalid authority"));
+        assert!(parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "path": "ingest"}"#
+        ))
+        .starts_with("rules[0].targets[0].path: invalid path \"ingest\"; start with /"));
+    }
+
+    #[test]
+    fn marker_header_checked() {
+        assert!(parse_err(r#"{"marker_header": "X Bad", "rules": []}"#)
+            .starts_with("marker_header: invalid header name"));
+    }
+
+    #[test]
+    fn first_match_wins_in_order() {
+        let json = r#"{"rules": [
+            {"name": "a", "match": {"path": {"prefix": "/a"}}, "targets": [{"name": "t", "cluster": "c"}]},
+            {"name": "b", "match": {"path": {"prefix": "/"}}, "targets": [{"name": "t", "cluster": "c"}]}
+        ]}"#;
+        let config = parse(json.as_bytes()).unwrap().config;
+        let request = |path: &str| vec![(":path".to_string(), path.as_bytes().to_vec())];
+        assert_eq!(
+            config.first_match(&request("/a/1")).map(|(i, _)| i),
+            Some(0)
+        );
+        assert_eq!(config.first_match(&request("/b")).map(|(i, _)| i), Some(1));
+    }
+}

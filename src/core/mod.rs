@@ -1,0 +1,9 @@
+//! Filter logic with no proxy-wasm calls, so it runs and is tested natively.
+
+pub mod config;
+pub mod headers;
+pub mod log_limit;
+pub mod matcher;
+pub mod outcome;
+pub mod sampling;
+pub mod side_request;

@@ -1,0 +1,220 @@
+//! Building the side call's headers from the original request.
+
+use super::config::Target;
+use super::headers::{self, HeaderList};
+
+/// Builds the side call's header list: the original headers in order,
+/// without hop-by-hop headers, with the target's `authority`, `path` and
+/// header edits applied, the marker header added, and `content-length`
+/// set to the side call's own body length.
+///
+/// `x-request-id`, `traceparent` and `tracestate` pass through unchanged
+/// (unless the target removes them), so the side call joins the trace.
+pub fn build_headers(
+    request: &[(String, Vec<u8>)],
+    target: &Target,
+    marker_header: &str,
+    marker_value: &str,
+    body_len: Option<usize>,
+) -> HeaderList {
+    let connection_listed = connection_tokens(request);
+    let mut out: HeaderList = Vec::with_capacity(request.len() + target.set_headers.len() + 2);
+
+    for (name, value) in request {
+        let name = name.as_str();
+        if headers::is_hop_by_hop(name)
+            || name == marker_header
+            || connection_listed.iter().any(|t| t == name)
+            || target.remove_headers.iter().any(|r| r == name)
+            || target.set_headers.iter().any(|(s, _)| s == name)
+        {
+            continue;
+        }
+        let value = match (name, &target.authority, &target.path) {
+            (":authority", Some(authority), _) => authority.as_bytes().to_vec(),
+            (":path", _, Some(path)) => path.as_bytes().to_vec(),
+            _ => value.clone(),
+        };
+        out.push((name.to_string(), value));
+    }
+
+    for (name, value) in &target.set_headers {
+        out.push((name.clone(), value.as_bytes().to_vec()));
+    }
+    out.push((marker_header.to_string(), marker_value.as_bytes().to_vec()));
+    if let Some(len) = body_len {
+        out.push(("content-length".to_string(), len.to_string().into_bytes()));
+    }
+    out
+}
+
+/// Header names listed in `Connection`, which RFC 9110 makes hop-by-hop.
+fn connection_tokens(request: &[(String, Vec<u8>)]) -> Vec<String> {
+    headers::values(request, "connection")
+        .flat_map(|value| value.split(|&b| b == b','))
+        .filter_map(|token| std::str::from_utf8(token).ok())
+        .map(|token| token.trim().to_ascii_lowercase())
+        .filter(|token| !token.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::config;
+
+    fn target(json: &str) -> Target {
+        let config = format!(r#"{{"rules": [{{"name": "r", "targets": [{json}]}}]}}"#);
+        let mut parsed = config::parse(config.as_bytes()).unwrap();
+        parsed.config.rules.remove(0).targets.remove(0)
+    }
+
+    fn request() -> HeaderList {
+        [
+            (":method", b"POST".as_slice()),
+            (":path", b"/api/v1/register?ref=x"),
+            (":authority", b"users.example"),
+            (":scheme", b"http"),
+            ("content-type", b"application/json"),
+            ("content-length", b"11"),
+            ("transfer-encoding", b"chunked"),
+            ("connection", b"keep-alive, x-conn-only"),
+            ("keep-alive", b"timeout=5"),
+            ("x-conn-only", b"1"),
+            ("x-request-id", b"abc-123"),
+            (
+                "traceparent",
+                b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+            ("tracestate", b"vendor=1"),
+            ("authorization", b"Bearer secret"),
+            ("cookie", b"a=1"),
+            ("x-source", b"client"),
+            ("x-multi", b"1"),
+            ("x-multi", b"2"),
+            ("x-latin1", b"caf\xe9"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_vec()))
+        .collect()
+    }
+
+    fn names(list: &HeaderList) -> Vec<&str> {
+        list.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_adds_marker() {
+        let built = build_headers(
+            &request(),
+            &target(r#"{"name": "t", "cluster": "c"}"#),
+            "x-mesh-fanout",
+            "r/t",
+            Some(11),
+        );
+        let names = names(&built);
+        for gone in [
+            "connection",
+            "keep-alive",
+            "transfer-encoding",
+            "x-conn-only",
+        ] {
+            assert!(!names.contains(&gone), "{gone} still present in {names:?}");
+        }
+        assert_eq!(
+            headers::first(&built, "x-mesh-fanout"),
+            Some(b"r/t".as_slice())
+        );
+        assert_eq!(
+            headers::values(&built, "content-length").collect::<Vec<_>>(),
+            vec![b"11".as_slice()]
+        );
+    }
+
+    #[test]
+    fn keeps_trace_and_raw_values() {
+        let built = build_headers(
+            &request(),
+            &target(r#"{"name": "t", "cluster": "c"}"#),
+            "x-mesh-fanout",
+            "r/t",
+            None,
+        );
+        assert_eq!(
+            headers::first(&built, "x-request-id"),
+            Some(b"abc-123".as_slice())
+        );
+        assert_eq!(
+            headers::first(&built, "traceparent"),
+            Some(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".as_slice())
+        );
+        assert_eq!(
+            headers::first(&built, "tracestate"),
+            Some(b"vendor=1".as_slice())
+        );
+        assert_eq!(
+            headers::first(&built, "x-latin1"),
+            Some(b"caf\xe9".as_slice())
+        );
+        let multi: Vec<&[u8]> = headers::values(&built, "x-multi").collect();
+        assert_eq!(multi, vec![b"1".as_slice(), b"2".as_slice()]);
+        assert_eq!(
+            headers::first(&built, ":authority"),
+            Some(b"users.example".as_slice())
+        );
+        assert_eq!(
+            headers::first(&built, ":path"),
+            Some(b"/api/v1/register?ref=x".as_slice())
+        );
+        assert_eq!(headers::first(&built, "content-length"), None);
+    }
+
+    #[test]
+    fn applies_target_edits() {
+        let t = target(
+            r#"{"name": "t", "cluster": "c", "authority": "analytics.internal", "path": "/ingest",
+                "headers": {"set": {"x-source": "mesh-fanout"}, "remove": ["authorization", "cookie"]}}"#,
+        );
+        let built = build_headers(&request(), &t, "x-mesh-fanout", "r/t", Some(0));
+        assert_eq!(
+            headers::first(&built, ":authority"),
+            Some(b"analytics.internal".as_slice())
+        );
+        assert_eq!(headers::first(&built, ":path"), Some(b"/ingest".as_slice()));
+        assert_eq!(
+            headers::values(&built, "x-source").collect::<Vec<_>>(),
+            vec![b"mesh-fanout".as_slice()]
+        );
+        assert_eq!(headers::first(&built, "authorization"), None);
+        assert_eq!(headers::first(&built, "cookie"), None);
+        assert_eq!(headers::first(&built, ":method"), Some(b"POST".as_slice()));
+    }
+
+    #[test]
+    fn never_forces_shadow_suffix() {
+        let built = build_headers(
+            &request(),
+            &target(r#"{"name": "t", "cluster": "c"}"#),
+            "x-mesh-fanout",
+            "r/t",
+            None,
+        );
+        let authority = headers::first(&built, ":authority").unwrap();
+        assert!(!authority.ends_with(b"-shadow"));
+    }
+
+    #[test]
+    fn incoming_marker_replaced() {
+        let mut req = request();
+        req.push(("x-mesh-fanout".into(), b"spoofed".to_vec()));
+        let built = build_headers(
+            &req,
+            &target(r#"{"name": "t", "cluster": "c"}"#),
+            "x-mesh-fanout",
+            "r/t",
+            None,
+        );
+        let markers: Vec<&[u8]> = headers::values(&built, "x-mesh-fanout").collect();
+        assert_eq!(markers, vec![b"r/t".as_slice()]);
+    }
+}

@@ -1,0 +1,152 @@
+//! Envoy stats for rules and targets.
+//!
+//! Names follow `mesh_fanout.rule.<rule>.target.<target>.<...>`; Envoy puts
+//! them under `wasmcustom.`, and the `stats_tags` in the shipped configs turn
+//! the `rule`, `target`, `outcome` and `reason` segments into labels.
+//! Counters are shared by all workers because every worker's VM defines the
+//! same names.
+
+use log::warn;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{MetricType, Status};
+
+use crate::core::config::Config;
+use crate::core::outcome::{Outcome, Skip};
+
+pub struct TargetMetrics {
+    outcomes: [u32; Outcome::ALL.len()],
+    skips: [u32; Skip::ALL.len()],
+    dispatched: u32,
+    in_flight: u32,
+    latency_ms: u32,
+}
+
+pub struct RuleMetrics {
+    matched: u32,
+    targets: Vec<TargetMetrics>,
+}
+
+pub struct Metrics {
+    rules: Vec<RuleMetrics>,
+    handoff_delay_us: u32,
+}
+
+impl Metrics {
+    /// Defines every stat the configuration can touch, so the request path
+    /// never formats a stat name.
+    pub fn define(config: &Config) -> Result<Metrics, (String, Status)> {
+        let mut rules = Vec::with_capacity(config.rules.len());
+        for rule in &config.rules {
+            let rule_prefix = format!("mesh_fanout.rule.{}", rule.name);
+            let mut targets = Vec::with_capacity(rule.targets.len());
+            for target in &rule.targets {
+                let prefix = format!("{rule_prefix}.target.{}", target.name);
+                let mut outcomes = [0; Outcome::ALL.len()];
+                for (id, outcome) in outcomes.iter_mut().zip(Outcome::ALL) {
+                    *id = define(
+                        MetricType::Counter,
+                        format!("{prefix}.outcome.{}.side_calls", outcome.as_str()),
+                    )?;
+                }
+                let mut skips = [0; Skip::ALL.len()];
+                for (id, skip) in skips.iter_mut().zip(Skip::ALL) {
+                    *id = define(
+                        MetricType::Counter,
+                        format!("{prefix}.reason.{}.skipped", skip.as_str()),
+                    )?;
+                }
+                targets.push(TargetMetrics {
+                    outcomes,
+                    skips,
+                    dispatched: define(MetricType::Counter, format!("{prefix}.dispatched"))?,
+                    in_flight: define(MetricType::Gauge, format!("{prefix}.in_flight"))?,
+                    latency_ms: define(MetricType::Histogram, format!("{prefix}.side_call_ms"))?,
+                });
+            }
+            rules.push(RuleMetrics {
+                matched: define(MetricType::Counter, format!("{rule_prefix}.matched"))?,
+                targets,
+            });
+        }
+        let handoff_delay_us = define(
+            MetricType::Histogram,
+            "mesh_fanout.handoff_delay_us".to_string(),
+        )?;
+        Ok(Metrics {
+            rules,
+            handoff_delay_us,
+        })
+    }
+
+    pub fn matched(&self, rule: usize) {
+        if let Some(r) = self.rules.get(rule) {
+            increment(r.matched, 1);
+        }
+    }
+
+    pub fn skipped(&self, rule: usize, target: usize, skip: Skip) {
+        if let Some(t) = self.target(rule, target) {
+            if let Some(&id) = t.skips.get(skip.index()) {
+                increment(id, 1);
+            }
+        }
+    }
+
+    /// Records a dispatched call: one more in flight until its outcome.
+    pub fn dispatched(&self, rule: usize, target: usize) {
+        if let Some(t) = self.target(rule, target) {
+            increment(t.dispatched, 1);
+            increment(t.in_flight, 1);
+        }
+    }
+
+    /// Records the one outcome of a side call. `was_in_flight` is false for
+    /// calls that Envoy refused to start, which never raised the gauge.
+    pub fn outcome(
+        &self,
+        rule: usize,
+        target: usize,
+        outcome: Outcome,
+        latency_ms: Option<u64>,
+        was_in_flight: bool,
+    ) {
+        let Some(t) = self.target(rule, target) else {
+            return;
+        };
+        if let Some(&id) = t.outcomes.get(outcome.index()) {
+            increment(id, 1);
+        }
+        if was_in_flight {
+            increment(t.in_flight, -1);
+        }
+        if let Some(ms) = latency_ms {
+            record(t.latency_ms, ms);
+        }
+    }
+
+    pub fn handoff_delay(&self, micros: u64) {
+        record(self.handoff_delay_us, micros);
+    }
+
+    fn target(&self, rule: usize, target: usize) -> Option<&TargetMetrics> {
+        self.rules.get(rule)?.targets.get(target)
+    }
+}
+
+fn define(metric_type: MetricType, name: String) -> Result<u32, (String, Status)> {
+    hostcalls::define_metric(metric_type, &name).map_err(|status| (name, status))
+}
+
+// A failed stat update must not disturb the request, and Envoy only fails
+// them for ids it never issued, so a warning is enough.
+fn increment(id: u32, offset: i64) {
+    if let Err(status) = hostcalls::increment_metric(id, offset) {
+        warn!("updating stat id {id} failed: {status:?}");
+    }
+}
+
+fn record(id: u32, value: u64) {
+    if let Err(status) = hostcalls::record_metric(id, value) {
+        warn!("recording stat id {id} failed: {status:?}");
+    }
+}

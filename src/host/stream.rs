@@ -1,0 +1,274 @@
+//! The per-request context. It never holds the request back: every
+//! callback returns `Continue`, and the body is copied as it streams past.
+
+use std::rc::Rc;
+
+use log::warn;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, MapType};
+
+use crate::core::config::Rule;
+use crate::core::headers::{self, HeaderList};
+use crate::core::outcome::Skip;
+use crate::core::sampling;
+use crate::core::side_request;
+
+use super::time;
+use super::worker::{Active, SideCall, Worker};
+
+pub struct Stream {
+    context_id: u32,
+    active: Option<Rc<Active>>,
+    worker: Rc<Worker>,
+    state: State,
+}
+
+enum State {
+    /// No decision yet, or the request needs nothing more from the filter.
+    Idle,
+    /// Matched; waiting for the end of the request to dispatch.
+    Collecting(Pending),
+}
+
+struct Pending {
+    active: Rc<Active>,
+    rule: usize,
+    /// Targets that passed sampling, in configured order.
+    targets: Vec<PendingTarget>,
+    headers: HeaderList,
+    body: Vec<u8>,
+    /// Bytes seen so far, including those not kept once no target wanted
+    /// more.
+    body_len: usize,
+    request_id: Rc<str>,
+}
+
+struct PendingTarget {
+    index: usize,
+    wants_body: bool,
+    max_body_bytes: usize,
+    too_large: bool,
+}
+
+impl Stream {
+    pub fn new(context_id: u32, active: Option<Rc<Active>>, worker: Rc<Worker>) -> Stream {
+        Stream {
+            context_id,
+            active,
+            worker,
+            state: State::Idle,
+        }
+    }
+
+    fn start(&mut self, end_of_stream: bool) {
+        let Some(active) = self.active.clone() else {
+            return;
+        };
+        let request_headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
+            Ok(h) => h,
+            Err(status) => {
+                warn!(
+                    "[{}] reading request headers failed: {status:?}; request passes through",
+                    self.context_id
+                );
+                return;
+            }
+        };
+        let Some((rule_index, rule)) = active.config.first_match(&request_headers) else {
+            return;
+        };
+        active.metrics.matched(rule_index);
+
+        if headers::first(&request_headers, &active.config.marker_header).is_some() {
+            for index in 0..rule.targets.len() {
+                active.metrics.skipped(rule_index, index, Skip::Loop);
+            }
+            return;
+        }
+
+        let targets = self.sample(&active, rule_index, rule, &request_headers);
+        if targets.is_empty() {
+            return;
+        }
+
+        let request_id: Rc<str> = headers::first(&request_headers, "x-request-id")
+            .map(|v| String::from_utf8_lossy(v).into())
+            .unwrap_or_else(|| "-".into());
+        let pending = Pending {
+            active: Rc::clone(&active),
+            rule: rule_index,
+            targets,
+            headers: request_headers,
+            body: Vec::new(),
+            body_len: 0,
+            request_id,
+        };
+        if end_of_stream {
+            self.finish(pending, false);
+        } else {
+            self.state = State::Collecting(pending);
+        }
+    }
+
+    fn sample(
+        &self,
+        active: &Active,
+        rule_index: usize,
+        rule: &Rule,
+        request_headers: &[(String, Vec<u8>)],
+    ) -> Vec<PendingTarget> {
+        let mut kept = Vec::with_capacity(rule.targets.len());
+        for (index, target) in rule.targets.iter().enumerate() {
+            let key = headers::first(request_headers, &target.sample_key);
+            if sampling::sampled_in(target.sample_rate, key, || self.worker.random()) {
+                kept.push(PendingTarget {
+                    index,
+                    wants_body: target.body,
+                    max_body_bytes: target.max_body_bytes,
+                    too_large: false,
+                });
+            } else {
+                active.metrics.skipped(rule_index, index, Skip::SampledOut);
+            }
+        }
+        kept
+    }
+
+    fn copy_body_chunk(&mut self, body_size: usize) {
+        let context_id = self.context_id;
+        let State::Collecting(pending) = &mut self.state else {
+            return;
+        };
+        if body_size == 0 {
+            return;
+        }
+        pending.body_len = pending.body_len.saturating_add(body_size);
+        for target in pending.targets.iter_mut().filter(|t| t.wants_body) {
+            if pending.body_len > target.max_body_bytes {
+                target.too_large = true;
+            }
+        }
+        let still_needed = pending.targets.iter().any(|t| t.wants_body && !t.too_large);
+        if !still_needed {
+            // Free what was copied; no target can use a partial body.
+            pending.body = Vec::new();
+            return;
+        }
+        // Each callback sees only the new chunk because the filter returns
+        // `Continue` and so never asks Envoy to buffer.
+        match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(Some(chunk)) => pending.body.extend_from_slice(&chunk),
+            Ok(None) => {}
+            Err(status) => {
+                warn!("[{context_id}] reading a request body chunk failed: {status:?}; side calls for this request are skipped");
+                let abandoned = std::mem::replace(&mut self.state, State::Idle);
+                if let State::Collecting(pending) = abandoned {
+                    skip_all(&pending, Skip::Aborted);
+                }
+            }
+        }
+    }
+
+    /// Hands every target that is still eligible to the root for dispatch.
+    fn finish(&mut self, pending: Pending, had_body: bool) {
+        let enqueued_ns = time::now_ns();
+        let body: Option<Rc<[u8]>> =
+            if had_body && pending.targets.iter().any(|t| t.wants_body && !t.too_large) {
+                Some(Rc::from(pending.body))
+            } else {
+                None
+            };
+        let Some(rule) = pending.active.config.rules.get(pending.rule) else {
+            return;
+        };
+        for target in &pending.targets {
+            if target.too_large {
+                pending
+                    .active
+                    .metrics
+                    .skipped(pending.rule, target.index, Skip::BodyTooLarge);
+                continue;
+            }
+            let Some(config) = rule.targets.get(target.index) else {
+                continue;
+            };
+            let side_body = if target.wants_body {
+                body.clone()
+            } else {
+                None
+            };
+            let marker_value = format!("{}/{}", rule.name, config.name);
+            let side_headers = side_request::build_headers(
+                &pending.headers,
+                config,
+                &pending.active.config.marker_header,
+                &marker_value,
+                side_body.as_ref().map(|b| b.len()),
+            );
+            self.worker.hand_off(SideCall {
+                active: Rc::clone(&pending.active),
+                rule: pending.rule,
+                target: target.index,
+                headers: side_headers,
+                body: side_body,
+                request_id: Rc::clone(&pending.request_id),
+                enqueued_ns,
+            });
+        }
+    }
+
+    /// Ends the request's part in the filter. A request still collecting
+    /// here never completed, so its side calls are skipped as aborted.
+    fn close(&mut self) {
+        if let State::Collecting(pending) = std::mem::replace(&mut self.state, State::Idle) {
+            skip_all(&pending, Skip::Aborted);
+        }
+    }
+
+    fn complete(&mut self) {
+        if let State::Collecting(pending) = std::mem::replace(&mut self.state, State::Idle) {
+            self.finish(pending, true);
+        }
+    }
+}
+
+fn skip_all(pending: &Pending, reason: Skip) {
+    for target in &pending.targets {
+        pending
+            .active
+            .metrics
+            .skipped(pending.rule, target.index, reason);
+    }
+}
+
+impl Context for Stream {
+    fn on_done(&mut self) -> bool {
+        self.close();
+        true
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.start(end_of_stream);
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.copy_body_chunk(body_size);
+        if end_of_stream {
+            self.complete();
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.complete();
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.close();
+    }
+}

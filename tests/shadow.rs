@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// A plugin configuration with one rule, "signup", that shadows every
+/// Builds a plugin configuration with one rule, "signup", that shadows every
 /// request under /api to `targets` (a JSON array body).
 fn signup_rule(targets: &str) -> String {
     format!(

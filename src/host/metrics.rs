@@ -137,8 +137,9 @@ fn define(metric_type: MetricType, name: String) -> Result<u32, (String, Status)
     hostcalls::define_metric(metric_type, &name).map_err(|status| (name, status))
 }
 
-// A failed stat update must not disturb the request, and Envoy only fails
-// them for ids it never issued, so a warning is enough.
+// A failed stat update must not disturb the request. Envoy fails one only
+// for an unknown id or the wrong metric type, both bugs here, so a warning
+// is enough.
 fn increment(id: u32, offset: i64) {
     if let Err(status) = hostcalls::increment_metric(id, offset) {
         warn!("updating stat id {id} failed: {status:?}");

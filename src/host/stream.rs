@@ -1,5 +1,5 @@
-//! The per-request context. It never holds the request back: every
-//! callback returns `Continue`, and the body is copied as it streams past.
+//! The per-request context. It never pauses the request: every callback
+//! returns `Continue`, and the body is copied as it streams past.
 
 use std::rc::Rc;
 

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use super::{free_port, wasm_path, Proto};
+use super::{envoy_bin, free_port, wasm_path, Envoy, Proto};
 
 /// Tag extractors that turn the filter's dotted stat names into labels on
 /// `/stats/prometheus`. Envoy matches each regex against the full stat name,
@@ -179,6 +179,22 @@ impl EnvoyConfig {
             http_filters = indent(&http_filters, 10),
             clusters = indent(&clusters, 2),
         )
+    }
+}
+
+impl Envoy {
+    /// Writes `config` to a new temp dir, starts Envoy on it and waits until
+    /// admin `/ready` returns 200.
+    ///
+    /// Panics with the tail of the Envoy log if Envoy exits or is not ready
+    /// within 20 s.
+    pub async fn start(config: EnvoyConfig) -> Envoy {
+        // Both panic on a missing binary or module, before any file is written.
+        envoy_bin();
+        let yaml = config.to_yaml();
+        Envoy::start_from_yaml(&yaml, config.port(), config.admin_port())
+            .await
+            .unwrap_or_else(|message| panic!("{message}"))
     }
 }
 

@@ -1,4 +1,4 @@
-//! HTTP/1.1 and h2c clients that send test requests to 127.0.0.1.
+//! HTTP/1.1 and h2c clients that send test and demo requests to 127.0.0.1.
 //!
 //! Built on hyper's connection API so one `Connection` is exactly one TCP
 //! connection, which a pooling client does not promise.
@@ -20,7 +20,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::Proto;
+/// HTTP version spoken on a connection. `Http2` is h2c with prior knowledge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Http1,
+    Http2,
+}
 
 /// Limit for one `send`, well above the 10 s route timeout of the test bootstrap.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -181,10 +186,28 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Opens a connection with Nagle's algorithm on.
+    ///
+    /// NOTE: hyper writes HTTP/2 HEADERS and DATA frames separately, so on
+    /// such a connection DATA waits for Envoy's delayed ACK, about 40 ms on
+    /// Linux, in every HTTP/2 request with a body.
     pub async fn open(proto: Proto, port: u16) -> Result<Connection, String> {
+        Self::connect(proto, port, false).await
+    }
+
+    /// Opens a connection with `TCP_NODELAY` set, so no request waits for
+    /// a delayed ACK.
+    pub async fn open_nodelay(proto: Proto, port: u16) -> Result<Connection, String> {
+        Self::connect(proto, port, true).await
+    }
+
+    async fn connect(proto: Proto, port: u16, nodelay: bool) -> Result<Connection, String> {
         let stream = TcpStream::connect(("127.0.0.1", port))
             .await
             .map_err(|e| format!("connecting to 127.0.0.1:{port} failed: {e}"))?;
+        stream.set_nodelay(nodelay).map_err(|e| {
+            format!("setting TCP_NODELAY to {nodelay} on the connection to port {port} failed: {e}")
+        })?;
         let io = TokioIo::new(stream);
         let sender = match proto {
             Proto::Http1 => {
@@ -291,6 +314,68 @@ pub async fn send_concurrent<F>(
 where
     F: Fn(usize, usize) -> Request + Send + Sync + 'static,
 {
+    send_on_connections(
+        proto,
+        port,
+        connections,
+        per_connection,
+        timeout,
+        false,
+        make_request,
+    )
+    .await
+    .into_iter()
+    .map(|timed| timed.result)
+    .collect()
+}
+
+/// The result of one request from `send_concurrent_timed`.
+#[derive(Clone, Debug)]
+pub struct TimedResult {
+    pub result: Result<Response, String>,
+    /// From handing the request to the connection until the whole response
+    /// body arrived or the request failed. Zero for requests never sent.
+    pub latency: Duration,
+}
+
+/// Works like `send_concurrent`, but measures each request's latency and
+/// opens its connections with `Connection::open_nodelay`, so a delayed ACK
+/// does not add to the latency.
+pub async fn send_concurrent_timed<F>(
+    proto: Proto,
+    port: u16,
+    connections: usize,
+    per_connection: usize,
+    timeout: Duration,
+    make_request: F,
+) -> Vec<TimedResult>
+where
+    F: Fn(usize, usize) -> Request + Send + Sync + 'static,
+{
+    send_on_connections(
+        proto,
+        port,
+        connections,
+        per_connection,
+        timeout,
+        true,
+        make_request,
+    )
+    .await
+}
+
+async fn send_on_connections<F>(
+    proto: Proto,
+    port: u16,
+    connections: usize,
+    per_connection: usize,
+    timeout: Duration,
+    nodelay: bool,
+    make_request: F,
+) -> Vec<TimedResult>
+where
+    F: Fn(usize, usize) -> Request + Send + Sync + 'static,
+{
     let total = connections.saturating_mul(per_connection);
     assert!(
         total <= MAX_CONCURRENT_REQUESTS,
@@ -298,22 +383,28 @@ where
     );
     let deadline = Instant::now() + timeout;
     let make_request = Arc::new(make_request);
+    let unsent = |error: String| TimedResult {
+        result: Err(error),
+        latency: Duration::ZERO,
+    };
 
     let tasks: Vec<_> = (0..connections)
         .map(|connection_index| {
             let make_request = make_request.clone();
             tokio::spawn(async move {
                 let mut results = Vec::with_capacity(per_connection);
-                let opened = tokio::time::timeout_at(deadline, Connection::open(proto, port)).await;
+                let opened =
+                    tokio::time::timeout_at(deadline, Connection::connect(proto, port, nodelay))
+                        .await;
                 let mut connection = match opened {
                     Ok(Ok(connection)) => connection,
                     Ok(Err(error)) => {
-                        results.resize(per_connection, Err(error));
+                        results.resize(per_connection, unsent(error));
                         return results;
                     }
                     Err(_) => {
                         let error = format!("opening connection {connection_index} timed out");
-                        results.resize(per_connection, Err(error));
+                        results.resize(per_connection, unsent(error));
                         return results;
                     }
                 };
@@ -321,13 +412,14 @@ where
                     // `timeout_at` polls its future once even after the
                     // deadline, which could still send a request.
                     if Instant::now() >= deadline {
-                        results.push(Err(format!(
+                        results.push(unsent(format!(
                             "request {index} on connection {connection_index} not sent: \
                              {timeout:?} expired"
                         )));
                         continue;
                     }
                     let request = make_request(connection_index, index);
+                    let started = Instant::now();
                     let result =
                         match tokio::time::timeout_at(deadline, connection.send(request)).await {
                             Ok(result) => result,
@@ -336,7 +428,10 @@ where
                                  timed out after {timeout:?}"
                             )),
                         };
-                    results.push(result);
+                    results.push(TimedResult {
+                        result,
+                        latency: started.elapsed(),
+                    });
                 }
                 results
             })

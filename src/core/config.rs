@@ -61,7 +61,40 @@ pub struct Config {
 pub struct Rule {
     pub name: String,
     pub matcher: RequestMatcher,
+    pub mode: Mode,
+    pub on_failure: OnFailure,
+    /// Response header that reports each target's result; fan-out only.
+    pub result_header: Option<String>,
     pub targets: Vec<Target>,
+}
+
+/// How a rule treats its side calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Fire and forget: the client never waits for a side call.
+    #[default]
+    Shadow,
+    /// The client's response waits for the awaited targets.
+    Fanout,
+}
+
+/// What a fan-out rule does when an awaited target fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// The client gets the primary's response whatever the targets did.
+    #[default]
+    Ignore,
+    /// The client gets a 502 that names the failed targets.
+    Fail,
+}
+
+impl Rule {
+    /// Reports whether any response of this rule can be held.
+    pub fn awaits_any(&self) -> bool {
+        self.mode == Mode::Fanout && self.targets.iter().any(|t| t.awaited)
+    }
 }
 
 #[derive(Debug)]
@@ -78,6 +111,8 @@ pub struct Target {
     pub remove_headers: Vec<String>,
     pub body: bool,
     pub max_body_bytes: usize,
+    /// The client's response waits for this target; fan-out rules only.
+    pub awaited: bool,
 }
 
 impl Config {
@@ -169,15 +204,9 @@ struct RawRule {
     match_: RawMatch,
     #[serde(default)]
     mode: Mode,
+    on_failure: Option<OnFailure>,
+    result_header: Option<String>,
     targets: Vec<RawTarget>,
-}
-
-#[derive(Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum Mode {
-    #[default]
-    Shadow,
-    Fanout,
 }
 
 #[derive(Deserialize, Default)]
@@ -227,6 +256,8 @@ struct RawTarget {
     body: bool,
     #[serde(default = "default_max_body_bytes")]
     max_body_bytes: u64,
+    #[serde(rename = "await")]
+    awaited: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -270,7 +301,7 @@ fn compile(raw: RawConfig) -> Result<Parsed, ConfigError> {
     let mut rules = Vec::with_capacity(raw.rules.len());
     for (i, raw_rule) in raw.rules.into_iter().enumerate() {
         let path = format!("rules[{i}]");
-        let rule = compile_rule(&path, raw_rule, &raw.marker_header)?;
+        let rule = compile_rule(&path, raw_rule, &raw.marker_header, &mut warnings)?;
         if let Some(previous) = rules.iter().position(|r: &Rule| r.name == rule.name) {
             return Err(error(
                 format!("{path}.name"),
@@ -292,15 +323,30 @@ fn compile(raw: RawConfig) -> Result<Parsed, ConfigError> {
     })
 }
 
-fn compile_rule(path: &str, raw: RawRule, marker_header: &str) -> Result<Rule, ConfigError> {
+fn compile_rule(
+    path: &str,
+    raw: RawRule,
+    marker_header: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Rule, ConfigError> {
     check_name(&format!("{path}.name"), &raw.name)?;
 
-    if raw.mode == Mode::Fanout {
-        // TODO: fan-out mode (awaited side calls) is not built yet.
-        return Err(error(
-            format!("{path}.mode"),
-            "\"fanout\" is not supported yet; use \"shadow\" or leave `mode` out",
-        ));
+    if raw.mode == Mode::Shadow {
+        if raw.on_failure.is_some() {
+            return Err(error(
+                format!("{path}.on_failure"),
+                "only fan-out rules wait for targets; set \"mode\": \"fanout\" or remove `on_failure`",
+            ));
+        }
+        if raw.result_header.is_some() {
+            return Err(error(
+                format!("{path}.result_header"),
+                "only fan-out rules report target results; set \"mode\": \"fanout\" or remove `result_header`",
+            ));
+        }
+    }
+    if let Some(name) = &raw.result_header {
+        check_editable_header(&format!("{path}.result_header"), name, marker_header)?;
     }
 
     let matcher = compile_match(&format!("{path}.match"), raw.match_)?;
@@ -314,7 +360,7 @@ fn compile_rule(path: &str, raw: RawRule, marker_header: &str) -> Result<Rule, C
     let mut targets: Vec<Target> = Vec::with_capacity(raw.targets.len());
     for (j, raw_target) in raw.targets.into_iter().enumerate() {
         let target_path = format!("{path}.targets[{j}]");
-        let target = compile_target(&target_path, raw_target, marker_header)?;
+        let target = compile_target(&target_path, raw_target, marker_header, raw.mode)?;
         if let Some(previous) = targets.iter().position(|t| t.name == target.name) {
             return Err(error(
                 format!("{target_path}.name"),
@@ -327,11 +373,21 @@ fn compile_rule(path: &str, raw: RawRule, marker_header: &str) -> Result<Rule, C
         targets.push(target);
     }
 
-    Ok(Rule {
+    let rule = Rule {
         name: raw.name,
         matcher,
+        mode: raw.mode,
+        on_failure: raw.on_failure.unwrap_or_default(),
+        result_header: raw.result_header,
         targets,
-    })
+    };
+    if rule.mode == Mode::Fanout && !rule.awaits_any() {
+        warnings.push(format!(
+            "{path}: fan-out rule {:?} awaits no target, so it behaves as a shadow rule; set \"await\": true on a target to hold responses",
+            rule.name
+        ));
+    }
+    Ok(rule)
 }
 
 fn compile_match(path: &str, raw: RawMatch) -> Result<RequestMatcher, ConfigError> {
@@ -422,8 +478,25 @@ fn compile_header_match(path: &str, raw: RawHeaderMatch) -> Result<HeaderMatcher
     Ok(HeaderMatcher { name, value })
 }
 
-fn compile_target(path: &str, raw: RawTarget, marker_header: &str) -> Result<Target, ConfigError> {
+fn compile_target(
+    path: &str,
+    raw: RawTarget,
+    marker_header: &str,
+    mode: Mode,
+) -> Result<Target, ConfigError> {
     check_name(&format!("{path}.name"), &raw.name)?;
+
+    // Fan-out targets are awaited unless they opt out; shadow targets never are.
+    let awaited = match (mode, raw.awaited) {
+        (Mode::Shadow, Some(true)) => {
+            return Err(error(
+                format!("{path}.await"),
+                "shadow rules never wait for targets; set the rule's \"mode\" to \"fanout\" or remove `await`",
+            ));
+        }
+        (Mode::Shadow, _) => false,
+        (Mode::Fanout, awaited) => awaited.unwrap_or(true),
+    };
 
     if raw.cluster.is_empty() {
         return Err(error(
@@ -513,6 +586,7 @@ fn compile_target(path: &str, raw: RawTarget, marker_header: &str) -> Result<Tar
         remove_headers,
         body: raw.body,
         max_body_bytes,
+        awaited,
     })
 }
 
@@ -776,12 +850,89 @@ mod tests {
     }
 
     #[test]
-    fn fanout_rejected_for_now() {
+    fn fanout_rule_parses() {
+        let json = r#"{"rules": [{"name": "orders", "match": {"methods": ["POST"], "path": {"prefix": "/orders"}},
+            "mode": "fanout", "on_failure": "fail", "result_header": "x-mesh-fanout-result",
+            "targets": [
+              {"name": "inventory", "cluster": "inventory", "timeout_ms": 800, "await": true},
+              {"name": "audit", "cluster": "audit", "timeout_ms": 3000, "await": false},
+              {"name": "billing", "cluster": "billing"}
+            ]}]}"#;
+        let parsed = parse(json.as_bytes()).unwrap();
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+        let rule = &parsed.config.rules[0];
+        assert_eq!(rule.mode, Mode::Fanout);
+        assert_eq!(rule.on_failure, OnFailure::Fail);
+        assert_eq!(rule.result_header.as_deref(), Some("x-mesh-fanout-result"));
+        let awaited: Vec<bool> = rule.targets.iter().map(|t| t.awaited).collect();
+        assert_eq!(awaited, vec![true, false, true]);
+        assert!(rule.awaits_any());
+    }
+
+    #[test]
+    fn fanout_defaults() {
+        let json = r#"{"rules": [{"name": "r", "mode": "fanout", "targets": [{"name": "t", "cluster": "c"}]}]}"#;
+        let rule = &parse(json.as_bytes()).unwrap().config.rules[0];
+        assert_eq!(rule.on_failure, OnFailure::Ignore);
+        assert_eq!(rule.result_header, None);
+        assert!(rule.targets[0].awaited);
+    }
+
+    #[test]
+    fn fanout_without_awaited_target_warns() {
+        let json = r#"{"rules": [{"name": "r", "mode": "fanout", "targets": [{"name": "t", "cluster": "c", "await": false}]}]}"#;
+        let parsed = parse(json.as_bytes()).unwrap();
+        assert_eq!(parsed.warnings.len(), 1);
+        assert!(
+            parsed.warnings[0].starts_with("rules[0]: fan-out rule \"r\" awaits no target"),
+            "{:?}",
+            parsed.warnings
+        );
+        assert!(!parsed.config.rules[0].awaits_any());
+    }
+
+    #[test]
+    fn fanout_fields_rejected_on_shadow() {
         let message = parse_err(
-            r#"{"rules": [{"name": "r", "mode": "fanout", "targets": [{"name": "t", "cluster": "c"}]}]}"#,
+            r#"{"rules": [{"name": "r", "on_failure": "fail", "targets": [{"name": "t", "cluster": "c"}]}]}"#,
         );
         assert!(
-            message.starts_with("rules[0].mode: \"fanout\" is not supported yet"),
+            message.starts_with("rules[0].on_failure: only fan-out rules wait"),
+            "{message}"
+        );
+        let message = parse_err(
+            r#"{"rules": [{"name": "r", "result_header": "x-r", "targets": [{"name": "t", "cluster": "c"}]}]}"#,
+        );
+        assert!(
+            message.starts_with("rules[0].result_header: only fan-out rules"),
+            "{message}"
+        );
+        let message = parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "await": true}"#,
+        ));
+        assert!(
+            message.starts_with("rules[0].targets[0].await: shadow rules never wait"),
+            "{message}"
+        );
+        let shadow_await_false =
+            parse(one_target(r#"{"name": "t", "cluster": "c", "await": false}"#).as_bytes());
+        assert!(shadow_await_false.is_ok());
+    }
+
+    #[test]
+    fn fanout_values_checked() {
+        let message = parse_err(
+            r#"{"rules": [{"name": "r", "mode": "fanout", "on_failure": "retry", "targets": [{"name": "t", "cluster": "c"}]}]}"#,
+        );
+        assert!(
+            message.starts_with("rules[0].on_failure: unknown variant `retry`"),
+            "{message}"
+        );
+        let message = parse_err(
+            r#"{"rules": [{"name": "r", "mode": "fanout", "result_header": "Bad Header", "targets": [{"name": "t", "cluster": "c"}]}]}"#,
+        );
+        assert!(
+            message.starts_with("rules[0].result_header: invalid header name"),
             "{message}"
         );
         let message = parse_err(

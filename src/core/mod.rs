@@ -1,6 +1,7 @@
 //! Filter logic with no proxy-wasm calls, so it runs and is tested natively.
 
 pub mod config;
+pub mod fanout;
 pub mod headers;
 pub mod log_limit;
 pub mod matcher;

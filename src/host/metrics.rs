@@ -10,7 +10,7 @@ use log::warn;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{MetricType, Status};
 
-use crate::core::config::Config;
+use crate::core::config::{Config, Mode};
 use crate::core::outcome::{Outcome, Skip};
 
 pub struct TargetMetrics {
@@ -24,6 +24,14 @@ pub struct TargetMetrics {
 pub struct RuleMetrics {
     matched: u32,
     targets: Vec<TargetMetrics>,
+    /// Defined for fan-out rules only.
+    fanout: Option<FanoutMetrics>,
+}
+
+struct FanoutMetrics {
+    held: u32,
+    held_ms: u32,
+    failed: u32,
 }
 
 pub struct Metrics {
@@ -63,9 +71,22 @@ impl Metrics {
                     latency_ms: define(MetricType::Histogram, format!("{prefix}.side_call_ms"))?,
                 });
             }
+            let fanout = if rule.mode == Mode::Fanout {
+                Some(FanoutMetrics {
+                    held: define(MetricType::Counter, format!("{rule_prefix}.held_responses"))?,
+                    held_ms: define(MetricType::Histogram, format!("{rule_prefix}.held_ms"))?,
+                    failed: define(
+                        MetricType::Counter,
+                        format!("{rule_prefix}.failed_responses"),
+                    )?,
+                })
+            } else {
+                None
+            };
             rules.push(RuleMetrics {
                 matched: define(MetricType::Counter, format!("{rule_prefix}.matched"))?,
                 targets,
+                fanout,
             });
         }
         let handoff_delay_us = define(
@@ -122,6 +143,32 @@ impl Metrics {
         if let Some(ms) = latency_ms {
             record(t.latency_ms, ms);
         }
+    }
+
+    /// Counts a response paused to wait for awaited targets.
+    pub fn held(&self, rule: usize) {
+        if let Some(f) = self.fanout(rule) {
+            increment(f.held, 1);
+        }
+    }
+
+    /// Records how long a fan-out response waited after the primary's
+    /// headers arrived; 0 when nothing was left to wait for.
+    pub fn held_ms(&self, rule: usize, ms: u64) {
+        if let Some(f) = self.fanout(rule) {
+            record(f.held_ms, ms);
+        }
+    }
+
+    /// Counts a response replaced by a 502 because an awaited target failed.
+    pub fn failed(&self, rule: usize) {
+        if let Some(f) = self.fanout(rule) {
+            increment(f.failed, 1);
+        }
+    }
+
+    fn fanout(&self, rule: usize) -> Option<&FanoutMetrics> {
+        self.rules.get(rule)?.fanout.as_ref()
     }
 
     pub fn handoff_delay(&self, micros: u64) {

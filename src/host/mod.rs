@@ -13,7 +13,9 @@
 //!    whenever it finished after the client's response.
 //! 3. The root receives the response, classifies it and records it.
 
+mod abi;
 mod dispatch;
+mod fanout;
 mod metrics;
 mod root;
 mod stream;

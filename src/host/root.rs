@@ -2,6 +2,7 @@
 //! dispatches every side call so that their responses reach it however
 //! long after the request they arrive.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -12,13 +13,15 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
 
 use crate::core::config;
+use crate::core::fanout::TargetResult;
 use crate::core::outcome::{self, Outcome, ResponseSummary};
 
 use super::dispatch;
+use super::fanout;
 use super::metrics::Metrics;
 use super::stream::Stream;
 use super::time;
-use super::worker::{Active, SideCall, Worker};
+use super::worker::{Active, SideCall, Waiter, Worker};
 
 /// A dispatched call waiting for its response.
 struct InFlight {
@@ -27,6 +30,7 @@ struct InFlight {
     target: usize,
     request_id: Rc<str>,
     started_ns: Option<u64>,
+    waiter: Option<Rc<RefCell<Waiter>>>,
 }
 
 pub struct Root {
@@ -50,7 +54,7 @@ impl Root {
     fn dispatch_queued(&mut self) {
         let queued = self.worker.take_queued();
         if queued.is_empty() {
-            self.worker.disarm();
+            self.worker.disarm_tick();
             return;
         }
         let now = time::now_ns();
@@ -91,6 +95,7 @@ impl Root {
                         target: call.target,
                         request_id: call.request_id,
                         started_ns: now,
+                        waiter: call.waiter,
                     },
                 );
             }
@@ -113,6 +118,22 @@ impl Root {
                     ),
                     &call.request_id,
                 );
+                // Counted first, so the stats agree by the time the client
+                // sees the released response.
+                if let Some(waiter) = &call.waiter {
+                    let result = TargetResult::Done {
+                        outcome: Outcome::DispatchError,
+                        status: None,
+                    };
+                    fanout::record(
+                        waiter,
+                        &call.active,
+                        call.rule,
+                        call.target,
+                        result,
+                        self.context_id,
+                    );
+                }
             }
         }
     }
@@ -204,8 +225,20 @@ impl Context for Root {
             );
         }
 
+        if let Some(waiter) = &call.waiter {
+            let result = TargetResult::Done { outcome, status };
+            fanout::record(
+                waiter,
+                &call.active,
+                call.rule,
+                call.target,
+                result,
+                self.context_id,
+            );
+        }
+
         // This callback runs as the root, so queued calls can go out now
-        // instead of waiting for the next tick.
+        // instead of waiting for the next wake-up.
         self.dispatch_queued();
     }
 }
@@ -277,6 +310,9 @@ impl RootContext for Root {
                 return false;
             }
         };
+        if self.worker.wake_queue().is_none() {
+            self.worker.register_wake_queue(self.context_id);
+        }
         let rules = parsed.config.rules.len();
         let targets: usize = parsed.config.rules.iter().map(|r| r.targets.len()).sum();
         self.active = Some(Rc::new(Active {
@@ -291,6 +327,15 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        self.dispatch_queued();
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if Some(queue_id) == self.worker.wake_queue() {
+            // The messages are empty wake-ups; drain them so the host's
+            // queue does not grow.
+            while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        }
         self.dispatch_queued();
     }
 

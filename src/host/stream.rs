@@ -1,27 +1,38 @@
 //! The per-request context. It never pauses the request: every callback
 //! returns `Continue`, and the body is copied as it streams past.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
-use log::warn;
+use log::{debug, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
 use crate::core::config::Rule;
+use crate::core::fanout::{FanoutState, TargetResult};
 use crate::core::headers::{self, HeaderList};
 use crate::core::outcome::Skip;
 use crate::core::sampling;
 use crate::core::side_request;
 
+use super::fanout::{self, Verdict};
 use super::time;
-use super::worker::{Active, SideCall, Worker};
+use super::worker::{Active, Phase, SideCall, Waiter, Worker};
 
 pub struct Stream {
     context_id: u32,
     active: Option<Rc<Active>>,
     worker: Rc<Worker>,
     state: State,
+    /// Set when the request matched a fan-out rule that awaits a target.
+    fanout: Option<FanoutLink>,
+}
+
+struct FanoutLink {
+    active: Rc<Active>,
+    rule: usize,
+    waiter: Rc<RefCell<Waiter>>,
 }
 
 enum State {
@@ -42,6 +53,7 @@ struct Pending {
     /// more.
     body_len: usize,
     request_id: Rc<str>,
+    waiter: Option<Rc<RefCell<Waiter>>>,
 }
 
 struct PendingTarget {
@@ -58,6 +70,7 @@ impl Stream {
             active,
             worker,
             state: State::Idle,
+            fanout: None,
         }
     }
 
@@ -87,7 +100,29 @@ impl Stream {
             return;
         }
 
-        let targets = self.sample(&active, rule_index, rule, &request_headers);
+        let waiter = if rule.awaits_any() {
+            let waiter = Rc::new(RefCell::new(Waiter {
+                context_id: self.context_id,
+                state: FanoutState::new(rule),
+                phase: Phase::Waiting,
+            }));
+            self.fanout = Some(FanoutLink {
+                active: Rc::clone(&active),
+                rule: rule_index,
+                waiter: Rc::clone(&waiter),
+            });
+            Some(waiter)
+        } else {
+            None
+        };
+
+        let targets = self.sample(
+            &active,
+            rule_index,
+            rule,
+            &request_headers,
+            waiter.as_deref(),
+        );
         if targets.is_empty() {
             return;
         }
@@ -103,6 +138,7 @@ impl Stream {
             body: Vec::new(),
             body_len: 0,
             request_id,
+            waiter,
         };
         if end_of_stream {
             self.finish(pending, false);
@@ -117,6 +153,7 @@ impl Stream {
         rule_index: usize,
         rule: &Rule,
         request_headers: &[(String, Vec<u8>)],
+        waiter: Option<&RefCell<Waiter>>,
     ) -> Vec<PendingTarget> {
         let mut kept = Vec::with_capacity(rule.targets.len());
         for (index, target) in rule.targets.iter().enumerate() {
@@ -130,6 +167,12 @@ impl Stream {
                 });
             } else {
                 active.metrics.skipped(rule_index, index, Skip::SampledOut);
+                if let Some(waiter) = waiter {
+                    waiter
+                        .borrow_mut()
+                        .state
+                        .set(index, TargetResult::Skipped(Skip::SampledOut));
+                }
             }
         }
         kept
@@ -171,11 +214,11 @@ impl Stream {
     }
 
     /// Hands every target that is still eligible to the root for dispatch.
-    fn finish(&mut self, pending: Pending, had_body: bool) {
+    fn finish(&mut self, mut pending: Pending, had_body: bool) {
         let enqueued_ns = time::now_ns();
         let body: Option<Rc<[u8]>> =
             if had_body && pending.targets.iter().any(|t| t.wants_body && !t.too_large) {
-                Some(Rc::from(pending.body))
+                Some(Rc::from(std::mem::take(&mut pending.body)))
             } else {
                 None
             };
@@ -184,13 +227,11 @@ impl Stream {
         };
         for target in &pending.targets {
             if target.too_large {
-                pending
-                    .active
-                    .metrics
-                    .skipped(pending.rule, target.index, Skip::BodyTooLarge);
+                skip(&pending, target.index, Skip::BodyTooLarge);
                 continue;
             }
             let Some(config) = rule.targets.get(target.index) else {
+                skip(&pending, target.index, Skip::Aborted);
                 continue;
             };
             let side_body = if target.wants_body {
@@ -214,6 +255,7 @@ impl Stream {
                 body: side_body,
                 request_id: Rc::clone(&pending.request_id),
                 enqueued_ns,
+                waiter: pending.waiter.clone(),
             });
         }
     }
@@ -224,6 +266,41 @@ impl Stream {
         if let State::Collecting(pending) = std::mem::replace(&mut self.state, State::Idle) {
             skip_all(&pending, Skip::Aborted);
         }
+        // Outcomes that arrive later are still counted, but there is no
+        // response left to release.
+        if let Some(link) = self.fanout.take() {
+            link.waiter.borrow_mut().phase = Phase::Done;
+        }
+    }
+
+    /// Decides whether the primary's response goes now, waits, or is
+    /// replaced, for a request that matched a fan-out rule.
+    fn on_fanout_response(&mut self) -> Action {
+        let Some(link) = &self.fanout else {
+            return Action::Continue;
+        };
+        if matches!(self.state, State::Collecting(_)) {
+            // The response arrived before the request ended, so its side
+            // calls have not started; holding could wait on a client that
+            // waits on the response.
+            debug!(
+                "[{}] response arrived before the request ended; not holding it",
+                self.context_id
+            );
+            link.waiter.borrow_mut().state.stop_awaiting();
+        }
+        match fanout::on_response_headers(&link.waiter, &link.active, link.rule) {
+            Verdict::Continue => Action::Continue,
+            Verdict::Pause => Action::Pause,
+        }
+    }
+
+    /// Keeps body and trailers back while the headers are held; returning
+    /// `Continue` from these callbacks would release the headers too.
+    fn held(&self) -> bool {
+        self.fanout
+            .as_ref()
+            .is_some_and(|link| matches!(link.waiter.borrow().phase, Phase::Held { .. }))
     }
 
     fn complete(&mut self) {
@@ -235,10 +312,19 @@ impl Stream {
 
 fn skip_all(pending: &Pending, reason: Skip) {
     for target in &pending.targets {
-        pending
-            .active
-            .metrics
-            .skipped(pending.rule, target.index, reason);
+        skip(pending, target.index, reason);
+    }
+}
+
+/// Counts a skip and, for a fan-out request, resolves the target so the
+/// response never waits for a call that will not be made.
+fn skip(pending: &Pending, target: usize, reason: Skip) {
+    pending.active.metrics.skipped(pending.rule, target, reason);
+    if let Some(waiter) = &pending.waiter {
+        waiter
+            .borrow_mut()
+            .state
+            .set(target, TargetResult::Skipped(reason));
     }
 }
 
@@ -261,6 +347,26 @@ impl HttpContext for Stream {
             self.complete();
         }
         Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.on_fanout_response()
+    }
+
+    fn on_http_response_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        if self.held() {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.held() {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {

@@ -11,10 +11,12 @@ use log::warn;
 use proxy_wasm::hostcalls;
 
 use crate::core::config::Config;
+use crate::core::fanout::FanoutState;
 use crate::core::headers::HeaderList;
 use crate::core::log_limit::{LogLimiter, Verdict};
 use crate::core::sampling::Xorshift64;
 
+use super::abi;
 use super::metrics::Metrics;
 use super::time;
 
@@ -37,11 +39,30 @@ pub struct SideCall {
     pub body: Option<Rc<[u8]>>,
     pub request_id: Rc<str>,
     pub enqueued_ns: Option<u64>,
+    /// Set for fan-out requests, so the outcome reaches the held response.
+    pub waiter: Option<Rc<RefCell<Waiter>>>,
 }
 
-/// How often the root drains the queue while it is not empty. Envoy's
-/// timers count in milliseconds, so 1 ms is the smallest delay a handoff
-/// can add; the `handoff_delay_us` histogram records the delay observed.
+/// A fan-out request's link between its context and the root, which
+/// records the outcomes of the request's side calls.
+pub struct Waiter {
+    pub context_id: u32,
+    pub state: FanoutState,
+    pub phase: Phase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The primary's response headers have not arrived.
+    Waiting,
+    /// The response headers arrived and are paused until awaited targets end.
+    Held { since_ns: Option<u64> },
+    /// The response was released or replaced, or the request is gone.
+    Done,
+}
+
+/// Fallback wake-up when the shared queue is unavailable. Envoy's timers
+/// count in milliseconds, so 1 ms is the shortest delay a tick can give.
 const TICK_PERIOD: Duration = Duration::from_millis(1);
 
 /// At most this many failure lines per worker per window; the next line
@@ -51,6 +72,11 @@ const LOG_LINES_PER_WINDOW: u32 = 20;
 
 pub struct Worker {
     queue: RefCell<VecDeque<SideCall>>,
+    /// A proxy-wasm shared queue registered by this worker's root. An
+    /// enqueue makes Envoy post `on_queue_ready` to the root on this
+    /// worker's event loop, which runs sooner than a 1 ms timer.
+    wake_queue: Cell<Option<u32>>,
+    wake_pending: Cell<bool>,
     tick_armed: Cell<bool>,
     log_limiter: RefCell<LogLimiter>,
     rng: RefCell<Xorshift64>,
@@ -60,34 +86,68 @@ impl Worker {
     pub fn new(seed: u64) -> Worker {
         Worker {
             queue: RefCell::new(VecDeque::new()),
+            wake_queue: Cell::new(None),
+            wake_pending: Cell::new(false),
             tick_armed: Cell::new(false),
             log_limiter: RefCell::new(LogLimiter::new(LOG_WINDOW_MS, LOG_LINES_PER_WINDOW)),
             rng: RefCell::new(Xorshift64::new(seed)),
         }
     }
 
-    /// Queues a call for the root context and makes sure its timer runs.
-    pub fn hand_off(&self, call: SideCall) {
-        self.queue.borrow_mut().push_back(call);
-        if !self.tick_armed.get() {
-            // The host applies a tick period set from any context to that
-            // context's root, so a request context can arm it.
-            match hostcalls::set_tick_period(TICK_PERIOD) {
-                Ok(()) => self.tick_armed.set(true),
-                Err(status) => warn!(
-                    "arming the handoff timer failed: {status:?}; calls wait for the next tick"
-                ),
-            }
+    /// Registers the wake-up queue; the root calls this once. Queue names
+    /// are global to the Envoy process, so each worker's name is random.
+    pub fn register_wake_queue(&self, context_id: u32) {
+        let name = format!("mesh_fanout.handoff.{:016x}", self.random());
+        match abi::register_shared_queue(&name) {
+            Ok(id) => self.wake_queue.set(Some(id)),
+            Err(e) => warn!("[{context_id}] registering shared queue {name} failed: {e:?}; side calls start on a 1 ms timer instead"),
         }
     }
 
-    /// Takes every queued call. The root calls this from `on_tick`.
+    pub fn wake_queue(&self) -> Option<u32> {
+        self.wake_queue.get()
+    }
+
+    /// Queues a call for the root context and makes sure the root runs soon.
+    pub fn hand_off(&self, call: SideCall) {
+        self.queue.borrow_mut().push_back(call);
+        self.wake_root();
+    }
+
+    fn wake_root(&self) {
+        // One wake-up is enough for every call queued before it runs.
+        if self.wake_pending.get() || self.tick_armed.get() {
+            return;
+        }
+        if let Some(id) = self.wake_queue.get() {
+            match hostcalls::enqueue_shared_queue(id, None) {
+                Ok(()) => {
+                    self.wake_pending.set(true);
+                    return;
+                }
+                Err(status) => warn!(
+                    "waking the root through shared queue {id} failed: {status:?}; using the timer"
+                ),
+            }
+        }
+        // The host applies a tick period set from any context to that
+        // context's root, so a request context can arm it.
+        match hostcalls::set_tick_period(TICK_PERIOD) {
+            Ok(()) => self.tick_armed.set(true),
+            Err(status) => warn!(
+                "arming the handoff timer failed: {status:?}; calls wait for the next wake-up"
+            ),
+        }
+    }
+
+    /// Takes every queued call. The root calls this whenever it runs.
     pub fn take_queued(&self) -> VecDeque<SideCall> {
+        self.wake_pending.set(false);
         std::mem::take(&mut *self.queue.borrow_mut())
     }
 
-    /// Stops the timer; called by the root once the queue is empty.
-    pub fn disarm(&self) {
+    /// Stops the fallback timer once the queue is empty.
+    pub fn disarm_tick(&self) {
         if self.tick_armed.get() {
             match hostcalls::set_tick_period(Duration::ZERO) {
                 Ok(()) => self.tick_armed.set(false),

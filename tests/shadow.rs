@@ -90,7 +90,7 @@ async fn body_bytes_exact_both_protocols() {
     let plugin = signup_rule(
         r#"{"name": "analytics", "cluster": "analytics", "authority": "analytics.internal", "path": "/ingest",
             "headers": {"set": {"x-source": "mesh-fanout"}, "remove": ["authorization"]}},
-           {"name": "audit", "cluster": "audit"}"#,
+           {"name": "audit", "cluster": "audit", "strip_credentials": false}"#,
     );
     let envoy = Envoy::start(
         EnvoyConfig::new(primary.port())
@@ -120,7 +120,8 @@ async fn body_bytes_exact_both_protocols() {
     for (proto, request) in requests {
         let request = request
             .header("authorization", "Bearer secret")
-            .header("traceparent", traceparent);
+            .header("traceparent", traceparent)
+            .header("cookie", "session=1");
         let response = send(proto, envoy.port(), request).await.unwrap();
         assert_eq!(response.status, 201, "{proto:?}");
         assert_eq!(response.body.as_ref(), b"created", "{proto:?}");
@@ -172,6 +173,11 @@ async fn body_bytes_exact_both_protocols() {
         assert_eq!(header(&side, "x-source"), Some(b"mesh-fanout".as_slice()));
         assert_eq!(header(&side, "authorization"), None);
         assert_eq!(
+            header(&side, "cookie"),
+            None,
+            "credentials are stripped by default"
+        );
+        assert_eq!(
             header(&side, "x-mesh-fanout"),
             Some(b"signup/analytics".as_slice())
         );
@@ -196,6 +202,7 @@ async fn body_bytes_exact_both_protocols() {
             header(&side, "authorization"),
             Some(b"Bearer secret".as_slice())
         );
+        assert_eq!(header(&side, "cookie"), Some(b"session=1".as_slice()));
         assert_eq!(
             header(&side, "x-mesh-fanout"),
             Some(b"signup/audit".as_slice())

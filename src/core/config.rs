@@ -21,6 +21,12 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
 /// The side call's body is held in the worker's memory until the request
 /// ends, so one request may not pin more than this.
 pub const MAX_BODY_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
+/// Sized for a sidecar's memory budget: at the default 1 MiB per request,
+/// 32 requests per worker can carry full-size bodies at once.
+pub const DEFAULT_MAX_BODY_BYTES_PER_WORKER: u64 = 32 * 1024 * 1024;
+pub const DEFAULT_MAX_IN_FLIGHT_PER_WORKER: u64 = 1000;
+/// Upper bound for both per-worker limits' inputs, to catch typos.
+const MAX_LIMIT_VALUE: u64 = 1 << 40;
 /// Names become segments of Envoy stat names, so they stay short and
 /// free of dots.
 const MAX_NAME_LEN: usize = 64;
@@ -54,7 +60,21 @@ fn error(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
 #[derive(Debug)]
 pub struct Config {
     pub marker_header: String,
+    /// Drop a client's marker header before matching, so clients cannot
+    /// opt their requests out; loops through this listener then go unseen.
+    pub strip_incoming_marker: bool,
+    pub limits: Limits,
     pub rules: Vec<Rule>,
+}
+
+/// Per-worker caps; past them side calls are skipped and counted, never
+/// queued. Each Envoy worker thread has its own VM and its own limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Side calls queued or dispatched and not yet finished.
+    pub max_in_flight: usize,
+    /// Request body bytes copied for side calls and not yet dispatched.
+    pub max_body_bytes: usize,
 }
 
 #[derive(Debug)]
@@ -113,6 +133,8 @@ pub struct Target {
     pub max_body_bytes: usize,
     /// The client's response waits for this target; fan-out rules only.
     pub awaited: bool,
+    /// Drop `authorization`, `proxy-authorization` and `cookie`.
+    pub strip_credentials: bool,
 }
 
 impl Config {
@@ -193,7 +215,36 @@ fn strip_position(message: &str) -> String {
 struct RawConfig {
     #[serde(default = "default_marker_header")]
     marker_header: String,
+    #[serde(default)]
+    strip_incoming_marker: bool,
+    #[serde(default)]
+    limits: RawLimits,
     rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_max_in_flight")]
+    max_in_flight_per_worker: u64,
+    #[serde(default = "default_max_body_bytes_per_worker")]
+    max_body_bytes_per_worker: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> RawLimits {
+        RawLimits {
+            max_in_flight_per_worker: DEFAULT_MAX_IN_FLIGHT_PER_WORKER,
+            max_body_bytes_per_worker: DEFAULT_MAX_BODY_BYTES_PER_WORKER,
+        }
+    }
+}
+
+fn default_max_in_flight() -> u64 {
+    DEFAULT_MAX_IN_FLIGHT_PER_WORKER
+}
+fn default_max_body_bytes_per_worker() -> u64 {
+    DEFAULT_MAX_BODY_BYTES_PER_WORKER
 }
 
 #[derive(Deserialize)]
@@ -258,6 +309,8 @@ struct RawTarget {
     max_body_bytes: u64,
     #[serde(rename = "await")]
     awaited: Option<bool>,
+    #[serde(default = "default_true")]
+    strip_credentials: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -314,9 +367,28 @@ fn compile(raw: RawConfig) -> Result<Parsed, ConfigError> {
         rules.push(rule);
     }
 
+    let limits = Limits {
+        max_in_flight: limit_value(
+            "limits.max_in_flight_per_worker",
+            raw.limits.max_in_flight_per_worker,
+        )?,
+        max_body_bytes: limit_value(
+            "limits.max_body_bytes_per_worker",
+            raw.limits.max_body_bytes_per_worker,
+        )?,
+    };
+    if raw.strip_incoming_marker {
+        warnings.push(format!(
+            "strip_incoming_marker: {:?} is removed from incoming requests, so a target that routes back to this listener loops; use it only on edge listeners",
+            raw.marker_header
+        ));
+    }
+
     Ok(Parsed {
         config: Config {
             marker_header: raw.marker_header,
+            strip_incoming_marker: raw.strip_incoming_marker,
+            limits,
             rules,
         },
         warnings,
@@ -587,6 +659,7 @@ fn compile_target(
         body: raw.body,
         max_body_bytes,
         awaited,
+        strip_credentials: raw.strip_credentials,
     })
 }
 
@@ -666,6 +739,21 @@ fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
             format!("invalid header name {name:?}; use lowercase letters, digits and -"),
         ))
     }
+}
+
+fn limit_value(field: &str, value: u64) -> Result<usize, ConfigError> {
+    if value == 0 || value > MAX_LIMIT_VALUE {
+        return Err(error(
+            field,
+            format!("{value} is out of range; use 1 to {MAX_LIMIT_VALUE}"),
+        ));
+    }
+    usize::try_from(value).map_err(|_| {
+        error(
+            field,
+            format!("{value} does not fit this platform's memory"),
+        )
+    })
 }
 
 fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
@@ -847,6 +935,55 @@ mod tests {
             parse_err(r#"{"rules": [{"name": "r", "targets": []}]}"#),
             "rules[0].targets: empty; add at least one target"
         );
+    }
+
+    #[test]
+    fn limits_and_marker_options() {
+        let parsed = parse(br#"{"rules": []}"#).unwrap();
+        assert_eq!(
+            parsed.config.limits,
+            Limits {
+                max_in_flight: 1000,
+                max_body_bytes: 32 * 1024 * 1024
+            }
+        );
+        assert!(!parsed.config.strip_incoming_marker);
+
+        let parsed = parse(
+            br#"{"strip_incoming_marker": true, "limits": {"max_in_flight_per_worker": 5, "max_body_bytes_per_worker": 100}, "rules": []}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.config.limits,
+            Limits {
+                max_in_flight: 5,
+                max_body_bytes: 100
+            }
+        );
+        assert!(parsed.config.strip_incoming_marker);
+        assert!(
+            parsed
+                .warnings
+                .iter()
+                .any(|w| w.starts_with("strip_incoming_marker:")),
+            "{:?}",
+            parsed.warnings
+        );
+
+        assert_eq!(
+            parse_err(r#"{"limits": {"max_in_flight_per_worker": 0}, "rules": []}"#),
+            "limits.max_in_flight_per_worker: 0 is out of range; use 1 to 1099511627776"
+        );
+        assert!(parse_err(r#"{"limits": {"max_inflight": 3}, "rules": []}"#)
+            .starts_with("limits.max_inflight: unknown field `max_inflight`"));
+    }
+
+    #[test]
+    fn credentials_stripped_by_default() {
+        let parsed = parse(one_target(r#"{"name": "t", "cluster": "c"}, {"name": "u", "cluster": "c", "strip_credentials": false}"#).as_bytes()).unwrap();
+        let targets = &parsed.config.rules[0].targets;
+        assert!(targets[0].strip_credentials);
+        assert!(!targets[1].strip_credentials);
     }
 
     #[test]

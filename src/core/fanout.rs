@@ -79,7 +79,7 @@ impl FanoutState {
     /// Decides once per response, after the primary's headers arrived.
     ///
     /// An awaited target fails when its outcome is not success, or when it
-    /// was skipped because the body was over its limit: the client must not
+    /// was skipped because of a size or load limit: the client must not
     /// believe a target got data that it never received. A target sampled
     /// out was left out on purpose and does not fail the request.
     pub fn decide(&self, rule: &Rule) -> Decision {
@@ -124,7 +124,7 @@ impl FanoutState {
 fn is_failure(result: TargetResult) -> bool {
     match result {
         TargetResult::Done { outcome, .. } => !outcome.is_success(),
-        TargetResult::Skipped(Skip::BodyTooLarge) => true,
+        TargetResult::Skipped(Skip::BodyTooLarge | Skip::InFlightLimit | Skip::BufferLimit) => true,
         TargetResult::Skipped(_) | TargetResult::Pending => false,
     }
 }

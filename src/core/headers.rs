@@ -23,6 +23,14 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.contains(&name)
 }
 
+/// Headers that carry the client's credentials. A shadow target is often a
+/// less trusted service, so side calls drop them unless a target opts in.
+const CREDENTIALS: &[&str] = &["authorization", "cookie", "proxy-authorization"];
+
+pub fn is_credential(name: &str) -> bool {
+    CREDENTIALS.contains(&name)
+}
+
 /// Reports whether `name` is a lowercase RFC 9110 token, the form Envoy
 /// uses for header names. Pseudo-headers (`:path`) are not tokens.
 pub fn is_valid_name(name: &str) -> bool {

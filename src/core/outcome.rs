@@ -64,14 +64,24 @@ pub enum Skip {
     Loop,
     /// The request ended before its body was complete.
     Aborted,
+    /// CONNECT or a protocol upgrade (WebSocket, h2c), which cannot be
+    /// replayed as a plain request.
+    Unsupported,
+    /// The worker already had `max_in_flight_per_worker` side calls running.
+    InFlightLimit,
+    /// Copying this body would pass the worker's `max_body_bytes_per_worker`.
+    BufferLimit,
 }
 
 impl Skip {
-    pub const ALL: [Skip; 4] = [
+    pub const ALL: [Skip; 7] = [
         Skip::SampledOut,
         Skip::BodyTooLarge,
         Skip::Loop,
         Skip::Aborted,
+        Skip::Unsupported,
+        Skip::InFlightLimit,
+        Skip::BufferLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +90,9 @@ impl Skip {
             Skip::BodyTooLarge => "body_too_large",
             Skip::Loop => "loop",
             Skip::Aborted => "aborted",
+            Skip::Unsupported => "unsupported",
+            Skip::InFlightLimit => "in_flight_limit",
+            Skip::BufferLimit => "buffer_limit",
         }
     }
 

@@ -4,9 +4,10 @@ use super::config::Target;
 use super::headers::{self, HeaderList};
 
 /// Builds the side call's header list: the original headers in order,
-/// without hop-by-hop headers, with the target's `authority`, `path` and
-/// header edits applied, the marker header added, and `content-length`
-/// set to the side call's own body length.
+/// without hop-by-hop headers (and without credentials unless the target
+/// keeps them), with the target's `authority`, `path` and header edits
+/// applied, the marker header added, and `content-length` set to the side
+/// call's own body length.
 ///
 /// `x-request-id`, `traceparent` and `tracestate` pass through unchanged
 /// (unless the target removes them), so the side call joins the trace.
@@ -26,6 +27,7 @@ pub fn build_headers(
             || name == marker_header
             || connection_listed.iter().any(|t| t == name)
             || target.remove_headers.iter().any(|r| r == name)
+            || (target.strip_credentials && headers::is_credential(name))
             || target.set_headers.iter().any(|(s, _)| s == name)
         {
             continue;
@@ -46,6 +48,16 @@ pub fn build_headers(
         out.push(("content-length".to_string(), len.to_string().into_bytes()));
     }
     out
+}
+
+/// Reports whether the request can be replayed as a side call: CONNECT
+/// and protocol upgrades (HTTP/1.1 `Upgrade`, HTTP/2 extended CONNECT with
+/// `:protocol`) switch the stream to another protocol and cannot.
+pub fn is_copyable(request: &[(String, Vec<u8>)]) -> bool {
+    let connect = headers::first(request, ":method") == Some(b"CONNECT".as_slice());
+    let upgrade = headers::first(request, "upgrade").is_some()
+        || headers::first(request, ":protocol").is_some();
+    !connect && !upgrade
 }
 
 /// Header names listed in `Connection`, which RFC 9110 makes hop-by-hop.
@@ -201,6 +213,47 @@ mod tests {
         );
         let authority = headers::first(&built, ":authority").unwrap();
         assert!(!authority.ends_with(b"-shadow"));
+    }
+
+    #[test]
+    fn credentials_stripped_unless_kept() {
+        let stripped = build_headers(
+            &request(),
+            &target(r#"{"name": "t", "cluster": "c"}"#),
+            "x-mesh-fanout",
+            "r/t",
+            None,
+        );
+        assert_eq!(headers::first(&stripped, "authorization"), None);
+        assert_eq!(headers::first(&stripped, "cookie"), None);
+
+        let kept = build_headers(
+            &request(),
+            &target(r#"{"name": "t", "cluster": "c", "strip_credentials": false}"#),
+            "x-mesh-fanout",
+            "r/t",
+            None,
+        );
+        assert_eq!(
+            headers::first(&kept, "authorization"),
+            Some(b"Bearer secret".as_slice())
+        );
+        assert_eq!(headers::first(&kept, "cookie"), Some(b"a=1".as_slice()));
+    }
+
+    #[test]
+    fn connect_and_upgrades_not_copyable() {
+        let with = |name: &str, value: &[u8]| {
+            let mut list = request();
+            list.retain(|(n, _)| n != name);
+            list.push((name.to_string(), value.to_vec()));
+            list
+        };
+        assert!(is_copyable(&request()));
+        assert!(!is_copyable(&with(":method", b"CONNECT")));
+        assert!(!is_copyable(&with("upgrade", b"websocket")));
+        assert!(!is_copyable(&with("upgrade", b"h2c")));
+        assert!(!is_copyable(&with(":protocol", b"websocket")));
     }
 
     #[test]

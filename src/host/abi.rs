@@ -13,6 +13,7 @@
 pub struct HostError(pub u32);
 
 const STREAM_HTTP_RESPONSE: u32 = 1;
+const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
 const MAP_HTTP_RESPONSE_HEADERS: u32 = 2;
 
 // The SDK declares the same imports with enum types of the same width.
@@ -27,6 +28,7 @@ extern "C" {
         value_data: *const u8,
         value_size: usize,
     ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         status_code_details_data: *const u8,
@@ -72,6 +74,14 @@ pub fn set_response_header(name: &str, value: &[u8]) -> Result<(), HostError> {
             value.as_ptr(),
             value.len(),
         )
+    })
+}
+
+/// Removes every value of a request header.
+pub fn remove_request_header(name: &str) -> Result<(), HostError> {
+    // SAFETY: `name` is valid for its length for the whole call.
+    check(unsafe {
+        proxy_remove_header_map_value(MAP_HTTP_REQUEST_HEADERS, name.as_ptr(), name.len())
     })
 }
 

@@ -14,6 +14,7 @@
 //! 3. The root receives the response, classifies it and records it.
 
 mod abi;
+mod body;
 mod dispatch;
 mod fanout;
 mod metrics;

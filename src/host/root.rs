@@ -16,6 +16,7 @@ use crate::core::config;
 use crate::core::fanout::TargetResult;
 use crate::core::outcome::{self, Outcome, ResponseSummary};
 
+use super::body::HeldBody;
 use super::dispatch;
 use super::fanout;
 use super::metrics::Metrics;
@@ -76,13 +77,14 @@ impl Root {
             .get(call.rule)
             .and_then(|rule| rule.targets.get(call.target))
         else {
+            self.worker.call_finished();
             return;
         };
         let timeout = Duration::from_millis(target.timeout_ms);
         match dispatch::http_call(
             &target.cluster,
             &call.headers,
-            call.body.as_deref(),
+            call.body.as_deref().map(HeldBody::as_slice),
             timeout,
         ) {
             Ok(token) => {
@@ -100,6 +102,7 @@ impl Root {
                 );
             }
             Err(status) => {
+                self.worker.call_finished();
                 call.active.metrics.outcome(
                     call.rule,
                     call.target,
@@ -183,12 +186,14 @@ impl Context for Root {
         _num_trailers: usize,
     ) {
         let Some(call) = self.in_flight.remove(&token_id) else {
+            // Not ours, so not counted in the worker's in-flight total.
             warn!(
                 "[{}] response for unknown side call token {token_id}",
                 self.context_id
             );
             return;
         };
+        self.worker.call_finished();
         let latency_ms = match (time::now_ns(), call.started_ns) {
             (Some(now), Some(started)) => Some(now.saturating_sub(started) / 1_000_000),
             _ => None,

@@ -16,6 +16,8 @@ use crate::core::outcome::Skip;
 use crate::core::sampling;
 use crate::core::side_request;
 
+use super::abi;
+use super::body::HeldBody;
 use super::fanout::{self, Verdict};
 use super::time;
 use super::worker::{Active, Phase, SideCall, Waiter, Worker};
@@ -48,7 +50,7 @@ struct Pending {
     /// Targets that passed sampling, in configured order.
     targets: Vec<PendingTarget>,
     headers: HeaderList,
-    body: Vec<u8>,
+    body: HeldBody,
     /// Bytes seen so far, including those not kept once no target wanted
     /// more.
     body_len: usize,
@@ -60,7 +62,14 @@ struct PendingTarget {
     index: usize,
     wants_body: bool,
     max_body_bytes: usize,
-    too_large: bool,
+    /// Set once the target can no longer be called for this request.
+    skip: Option<Skip>,
+}
+
+impl PendingTarget {
+    fn needs_body(&self) -> bool {
+        self.wants_body && self.skip.is_none()
+    }
 }
 
 impl Stream {
@@ -88,14 +97,26 @@ impl Stream {
                 return;
             }
         };
+        let mut request_headers = request_headers;
+        if active.config.strip_incoming_marker {
+            self.strip_marker(&active.config.marker_header, &mut request_headers);
+        }
         let Some((rule_index, rule)) = active.config.first_match(&request_headers) else {
             return;
         };
         active.metrics.matched(rule_index);
 
-        if headers::first(&request_headers, &active.config.marker_header).is_some() {
+        let skip_reason =
+            if headers::first(&request_headers, &active.config.marker_header).is_some() {
+                Some(Skip::Loop)
+            } else if !side_request::is_copyable(&request_headers) {
+                Some(Skip::Unsupported)
+            } else {
+                None
+            };
+        if let Some(reason) = skip_reason {
             for index in 0..rule.targets.len() {
-                active.metrics.skipped(rule_index, index, Skip::Loop);
+                active.metrics.skipped(rule_index, index, reason);
             }
             return;
         }
@@ -135,7 +156,7 @@ impl Stream {
             rule: rule_index,
             targets,
             headers: request_headers,
-            body: Vec::new(),
+            body: HeldBody::new(Rc::clone(&self.worker)),
             body_len: 0,
             request_id,
             waiter,
@@ -163,7 +184,7 @@ impl Stream {
                     index,
                     wants_body: target.body,
                     max_body_bytes: target.max_body_bytes,
-                    too_large: false,
+                    skip: None,
                 });
             } else {
                 active.metrics.skipped(rule_index, index, Skip::SampledOut);
@@ -187,21 +208,28 @@ impl Stream {
             return;
         }
         pending.body_len = pending.body_len.saturating_add(body_size);
-        for target in pending.targets.iter_mut().filter(|t| t.wants_body) {
+        for target in pending.targets.iter_mut().filter(|t| t.needs_body()) {
             if pending.body_len > target.max_body_bytes {
-                target.too_large = true;
+                target.skip = Some(Skip::BodyTooLarge);
             }
         }
-        let still_needed = pending.targets.iter().any(|t| t.wants_body && !t.too_large);
-        if !still_needed {
+        if !pending.targets.iter().any(PendingTarget::needs_body) {
             // Free what was copied; no target can use a partial body.
-            pending.body = Vec::new();
+            pending.body.clear();
             return;
         }
         // Each callback sees only the new chunk because the filter returns
         // `Continue` and so never asks Envoy to buffer.
         match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
-            Ok(Some(chunk)) => pending.body.extend_from_slice(&chunk),
+            Ok(Some(chunk)) => {
+                let worker_limit = pending.active.config.limits.max_body_bytes;
+                if !pending.body.try_extend(&chunk, worker_limit) {
+                    for target in pending.targets.iter_mut().filter(|t| t.needs_body()) {
+                        target.skip = Some(Skip::BufferLimit);
+                    }
+                    pending.body.clear();
+                }
+            }
             Ok(None) => {}
             Err(status) => {
                 warn!("[{context_id}] reading a request body chunk failed: {status:?}; side calls for this request are skipped");
@@ -216,18 +244,24 @@ impl Stream {
     /// Hands every target that is still eligible to the root for dispatch.
     fn finish(&mut self, mut pending: Pending, had_body: bool) {
         let enqueued_ns = time::now_ns();
-        let body: Option<Rc<[u8]>> =
-            if had_body && pending.targets.iter().any(|t| t.wants_body && !t.too_large) {
-                Some(Rc::from(std::mem::take(&mut pending.body)))
+        let body: Option<Rc<HeldBody>> =
+            if had_body && pending.targets.iter().any(PendingTarget::needs_body) {
+                let empty = HeldBody::new(Rc::clone(&self.worker));
+                Some(Rc::new(std::mem::replace(&mut pending.body, empty)))
             } else {
                 None
             };
+        let max_in_flight = pending.active.config.limits.max_in_flight;
         let Some(rule) = pending.active.config.rules.get(pending.rule) else {
             return;
         };
         for target in &pending.targets {
-            if target.too_large {
-                skip(&pending, target.index, Skip::BodyTooLarge);
+            if let Some(reason) = target.skip {
+                skip(&pending, target.index, reason);
+                continue;
+            }
+            if self.worker.in_flight() >= max_in_flight {
+                skip(&pending, target.index, Skip::InFlightLimit);
                 continue;
             }
             let Some(config) = rule.targets.get(target.index) else {
@@ -257,6 +291,21 @@ impl Stream {
                 enqueued_ns,
                 waiter: pending.waiter.clone(),
             });
+        }
+    }
+
+    /// Removes a client-supplied marker header from the request, so the
+    /// client cannot opt out of side calls.
+    fn strip_marker(&self, marker_header: &str, request_headers: &mut HeaderList) {
+        if headers::first(request_headers, marker_header).is_none() {
+            return;
+        }
+        request_headers.retain(|(name, _)| name != marker_header);
+        if let Err(e) = abi::remove_request_header(marker_header) {
+            warn!(
+                "[{}] removing the incoming {marker_header} header failed: {e:?}",
+                self.context_id
+            );
         }
     }
 

@@ -17,6 +17,7 @@ use crate::core::log_limit::{LogLimiter, Verdict};
 use crate::core::sampling::Xorshift64;
 
 use super::abi;
+use super::body::HeldBody;
 use super::metrics::Metrics;
 use super::time;
 
@@ -36,7 +37,7 @@ pub struct SideCall {
     pub target: usize,
     pub headers: HeaderList,
     /// Shared by all targets of one request, so the body is copied once.
-    pub body: Option<Rc<[u8]>>,
+    pub body: Option<Rc<HeldBody>>,
     pub request_id: Rc<str>,
     pub enqueued_ns: Option<u64>,
     /// Set for fan-out requests, so the outcome reaches the held response.
@@ -78,6 +79,10 @@ pub struct Worker {
     wake_queue: Cell<Option<u32>>,
     wake_pending: Cell<bool>,
     tick_armed: Cell<bool>,
+    /// Side calls queued or dispatched and not yet finished.
+    in_flight: Cell<usize>,
+    /// Body bytes held by [`HeldBody`] values.
+    body_bytes: Cell<usize>,
     log_limiter: RefCell<LogLimiter>,
     rng: RefCell<Xorshift64>,
 }
@@ -89,6 +94,8 @@ impl Worker {
             wake_queue: Cell::new(None),
             wake_pending: Cell::new(false),
             tick_armed: Cell::new(false),
+            in_flight: Cell::new(0),
+            body_bytes: Cell::new(0),
             log_limiter: RefCell::new(LogLimiter::new(LOG_WINDOW_MS, LOG_LINES_PER_WINDOW)),
             rng: RefCell::new(Xorshift64::new(seed)),
         }
@@ -109,9 +116,34 @@ impl Worker {
     }
 
     /// Queues a call for the root context and makes sure the root runs soon.
+    /// The call counts as in flight until the root calls [`Self::call_finished`].
     pub fn hand_off(&self, call: SideCall) {
+        self.in_flight.set(self.in_flight.get().saturating_add(1));
         self.queue.borrow_mut().push_back(call);
         self.wake_root();
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    pub fn call_finished(&self) {
+        self.in_flight.set(self.in_flight.get().saturating_sub(1));
+    }
+
+    /// Takes `len` bytes from the worker's body budget, if they fit.
+    pub fn reserve_body_bytes(&self, len: usize, limit: usize) -> bool {
+        let held = self.body_bytes.get().saturating_add(len);
+        if held > limit {
+            return false;
+        }
+        self.body_bytes.set(held);
+        true
+    }
+
+    pub fn release_body_bytes(&self, len: usize) {
+        self.body_bytes
+            .set(self.body_bytes.get().saturating_sub(len));
     }
 
     fn wake_root(&self) {

@@ -163,6 +163,8 @@ impl EnvoyConfig {
           stat_prefix: ingress_http
           codec_type: AUTO
           generate_request_id: true
+          upgrade_configs:
+          - upgrade_type: websocket
           route_config:
             name: local_route
             virtual_hosts:

@@ -140,7 +140,9 @@ pub fn classify(response: Option<&ResponseSummary<'_>>) -> Outcome {
         if status == 503 && response.overloaded {
             return Outcome::Overflow;
         }
-        if status == 503 && response.body_prefix.starts_with(RESET_BODY) {
+        // 503 for refused or reset connections, 502 for a response that is
+        // not valid HTTP.
+        if matches!(status, 502 | 503) && response.body_prefix.starts_with(RESET_BODY) {
             return Outcome::Reset;
         }
     }
@@ -198,6 +200,11 @@ mod tests {
             b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
         );
         assert_eq!(classify(Some(&refused)), Outcome::Reset);
+        let protocol_error = local(
+            502,
+            b"upstream connect error or disconnect/reset before headers. reset reason: protocol error",
+        );
+        assert_eq!(classify(Some(&protocol_error)), Outcome::Reset);
         assert_eq!(
             classify(Some(&local(503, b"no healthy upstream"))),
             Outcome::Status5xx

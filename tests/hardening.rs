@@ -1,0 +1,378 @@
+//! Bad input, protocol corners, misbehaving targets and per-worker limits,
+//! in real Envoy: the primary is never harmed and every side call is
+//! counted once.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::{send, send_concurrent, Behaviour, Envoy, EnvoyConfig, Proto, Request, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn signup_rule(extra_top_level: &str, targets: &str) -> String {
+    format!(
+        r#"{{{extra_top_level}"rules": [{{"name": "signup", "match": {{"path": {{"prefix": "/api"}}}}, "targets": [{targets}]}}]}}"#
+    )
+}
+
+fn stat(target: &str, tail: &str) -> String {
+    format!("wasmcustom.mesh_fanout.rule.signup.target.{target}.{tail}")
+}
+
+fn created() -> Behaviour {
+    Behaviour {
+        status: 201,
+        body: Bytes::from_static(b"created"),
+        ..Behaviour::default()
+    }
+}
+
+/// Reads one gauge from admin `/stats`, which the counter helpers skip.
+async fn gauge(envoy: &Envoy, name: &str) -> Option<u64> {
+    let (_, text) = envoy
+        .admin_get(&format!("/stats?filter=^{name}$"))
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name}: ")))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_passes_untouched() {
+    let primary = Upstream::start(created()).await;
+    let side = Upstream::start(Behaviour::default()).await;
+    let envoy = Envoy::start(
+        EnvoyConfig::new(primary.port())
+            .target("side", side.port(), Proto::Http1)
+            .plugin_config(signup_rule("", r#"{"name": "side", "cluster": "side"}"#)),
+    )
+    .await;
+
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", envoy.port()))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /api/socket HTTP/1.1\r\nhost: users\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    primary.wait_for_count(1, WAIT).await.unwrap();
+    envoy
+        .wait_for_counter(&stat("side", "reason.unsupported.skipped"), 1, WAIT)
+        .await
+        .unwrap();
+    drop(stream);
+
+    let upgrade = primary.requests()[0].header("upgrade");
+    assert_eq!(
+        upgrade.as_deref(),
+        Some("websocket"),
+        "the upgrade reached the primary untouched"
+    );
+    assert_eq!(envoy.counter(&stat("side", "dispatched")).await, 0);
+    assert_eq!(side.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_marker_stripped_only_when_configured() {
+    let primary = Upstream::start(created()).await;
+    let side = Upstream::start(Behaviour::default()).await;
+    let targets = r#"{"name": "side", "cluster": "side"}"#;
+    let base = EnvoyConfig::new(primary.port()).target("side", side.port(), Proto::Http1);
+    let opting_out = || Request::post("/api/v1/register", "x").header("x-mesh-fanout", "opt-out");
+
+    // By default a client-supplied marker looks like a loop and wins.
+    let trusting = Envoy::start(base.clone().plugin_config(signup_rule("", targets))).await;
+    assert_eq!(
+        send(Proto::Http1, trusting.port(), opting_out())
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+    trusting
+        .wait_for_counter(&stat("side", "reason.loop.skipped"), 1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(side.count(), 0);
+    drop(trusting);
+
+    let edge = Envoy::start(
+        base.plugin_config(signup_rule(r#""strip_incoming_marker": true, "#, targets)),
+    )
+    .await;
+    assert_eq!(
+        send(Proto::Http2, edge.port(), opting_out())
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+    edge.wait_for_counter(&stat("side", "outcome.success.side_calls"), 1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        side.requests()[0].header("x-mesh-fanout").as_deref(),
+        Some("signup/side")
+    );
+    let last_primary = primary.requests().pop().unwrap();
+    assert_eq!(
+        last_primary.header("x-mesh-fanout"),
+        None,
+        "the primary does not see the stripped marker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_cap_skips_excess() {
+    let primary = Upstream::start(created()).await;
+    let slow = Upstream::start(Behaviour {
+        delay: Duration::from_millis(1500),
+        ..Behaviour::default()
+    })
+    .await;
+    let envoy = Envoy::start(
+        EnvoyConfig::new(primary.port())
+            .target("slow", slow.port(), Proto::Http1)
+            .plugin_config(signup_rule(
+                r#""limits": {"max_in_flight_per_worker": 2}, "#,
+                r#"{"name": "slow", "cluster": "slow", "timeout_ms": 5000}"#,
+            )),
+    )
+    .await;
+
+    // One connection stays on one worker, so its cap of 2 applies to all six.
+    let results = send_concurrent(Proto::Http1, envoy.port(), 1, 6, WAIT, |_, i| {
+        Request::post(&format!("/api/{i}"), "x")
+    })
+    .await;
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|r| r.status == 201)));
+    assert_eq!(envoy.counter(&stat("slow", "dispatched")).await, 2);
+    assert_eq!(
+        envoy
+            .counter(&stat("slow", "reason.in_flight_limit.skipped"))
+            .await,
+        4
+    );
+
+    envoy
+        .wait_for_counter(&stat("slow", "outcome.success.side_calls"), 2, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(gauge(&envoy, &stat("slow", "in_flight")).await, Some(0));
+    // Room again once the first calls have finished.
+    assert_eq!(
+        send(Proto::Http1, envoy.port(), Request::post("/api/again", "x"))
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+    envoy
+        .wait_for_counter(&stat("slow", "dispatched"), 3, WAIT)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_body_budget_skips_large_bodies() {
+    let primary = Upstream::start(created()).await;
+    let with_body = Upstream::start(Behaviour::default()).await;
+    let headers_only = Upstream::start(Behaviour::default()).await;
+    let envoy = Envoy::start(
+        EnvoyConfig::new(primary.port())
+            .target("with_body", with_body.port(), Proto::Http1)
+            .target("headers_only", headers_only.port(), Proto::Http1)
+            .plugin_config(signup_rule(
+                r#""limits": {"max_body_bytes_per_worker": 1000}, "#,
+                r#"{"name": "with_body", "cluster": "with_body"},
+                   {"name": "headers_only", "cluster": "headers_only", "body": false}"#,
+            )),
+    )
+    .await;
+
+    let small = vec![b'a'; 900];
+    let large = vec![b'b'; 1500];
+    for body in [small.clone(), large.clone()] {
+        let response = send(
+            Proto::Http1,
+            envoy.port(),
+            Request::post("/api/upload", body),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status, 201);
+    }
+    envoy
+        .wait_for_counter(&stat("headers_only", "outcome.success.side_calls"), 2, WAIT)
+        .await
+        .unwrap();
+    envoy
+        .wait_for_counter(&stat("with_body", "outcome.success.side_calls"), 1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        envoy
+            .counter(&stat("with_body", "reason.buffer_limit.skipped"))
+            .await,
+        1
+    );
+    assert_eq!(with_body.requests()[0].body.as_ref(), small.as_slice());
+    let primary_bodies: Vec<Bytes> = primary.requests().into_iter().map(|r| r.body).collect();
+    assert_eq!(primary_bodies, vec![Bytes::from(small), Bytes::from(large)]);
+}
+
+/// Serves raw bytes to every connection, then closes it.
+async fn raw_server(reply: &'static [u8]) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 65536];
+                let _ = socket.read(&mut buffer).await;
+                let _ = socket.write_all(reply).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_targets_classified() {
+    let primary = Upstream::start(created()).await;
+    let huge = Upstream::start(Behaviour {
+        body: Bytes::from(vec![b'z'; 8 * 1024 * 1024]),
+        ..Behaviour::default()
+    })
+    .await;
+    let garbage = raw_server(b"SSH-2.0-OpenSSH_9.0\r\n\r\nnot http at all").await;
+    let cut_short =
+        raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly a few bytes").await;
+    let envoy = Envoy::start(
+        EnvoyConfig::new(primary.port())
+            .target("huge", huge.port(), Proto::Http1)
+            .target("garbage", garbage, Proto::Http1)
+            .target("cut_short", cut_short, Proto::Http1)
+            .plugin_config(signup_rule(
+                "",
+                r#"{"name": "huge", "cluster": "huge", "timeout_ms": 5000},
+                   {"name": "garbage", "cluster": "garbage"},
+                   {"name": "cut_short", "cluster": "cut_short"}"#,
+            )),
+    )
+    .await;
+
+    for proto in [Proto::Http1, Proto::Http2, Proto::Http1] {
+        let response = send(proto, envoy.port(), Request::post("/api/v1/register", "x"))
+            .await
+            .unwrap();
+        assert_eq!(response.status, 201);
+        assert_eq!(response.body.as_ref(), b"created");
+    }
+    envoy
+        .wait_for_counter(&stat("huge", "outcome.success.side_calls"), 3, WAIT)
+        .await
+        .unwrap();
+    envoy
+        .wait_for_counter(&stat("garbage", "outcome.reset.side_calls"), 3, WAIT)
+        .await
+        .unwrap();
+    envoy
+        .wait_for_counter(&stat("cut_short", "outcome.reset.side_calls"), 3, WAIT)
+        .await
+        .unwrap();
+    for target in ["huge", "garbage", "cut_short"] {
+        assert_eq!(
+            gauge(&envoy, &stat(target, "in_flight")).await,
+            Some(0),
+            "{target}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_headers_path_and_methods() {
+    let primary = Upstream::start(created()).await;
+    let side = Upstream::start(Behaviour::default()).await;
+    let envoy = Envoy::start(
+        EnvoyConfig::new(primary.port())
+            .target("side", side.port(), Proto::Http1)
+            .plugin_config(signup_rule("", r#"{"name": "side", "cluster": "side"}"#)),
+    )
+    .await;
+
+    let long_path = format!("/api/{}?q={}", "p".repeat(2000), "v".repeat(2000));
+    // hyper, the test upstream, accepts at most 100 headers per request.
+    let big_value = "x".repeat(30 * 1024);
+    let mut request = Request::post(&long_path, "payload")
+        .header("x-big", &big_value)
+        .header("x-empty", "")
+        .header("x-repeat", "one")
+        .header("x-repeat", "two");
+    for i in 0..60 {
+        request = request.header(&format!("x-many-{i}"), format!("value-{i}"));
+    }
+    assert_eq!(
+        send(Proto::Http1, envoy.port(), request)
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+    side.wait_for_count(1, WAIT).await.unwrap();
+    let copy = &side.requests()[0];
+    assert_eq!(copy.path, long_path);
+    assert_eq!(copy.header("x-big").as_deref(), Some(big_value.as_str()));
+    assert_eq!(copy.header("x-empty").as_deref(), Some(""));
+    assert_eq!(
+        copy.header_values("x-repeat"),
+        vec![b"one".as_slice(), b"two".as_slice()]
+    );
+    for i in 0..60 {
+        assert_eq!(
+            copy.header(&format!("x-many-{i}")),
+            Some(format!("value-{i}"))
+        );
+    }
+    assert_eq!(copy.body.as_ref(), b"payload");
+
+    for method in ["HEAD", "OPTIONS", "DELETE"] {
+        let response = send(
+            Proto::Http2,
+            envoy.port(),
+            Request::new(method, "/api/resource"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status, 201, "{method}");
+    }
+    let expect_continue =
+        Request::post("/api/continue", "after continue").header("expect", "100-continue");
+    assert_eq!(
+        send(Proto::Http1, envoy.port(), expect_continue)
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+
+    side.wait_for_count(5, WAIT).await.unwrap();
+    let methods: Vec<String> = side
+        .requests()
+        .iter()
+        .map(|r| r.method.to_string())
+        .collect();
+    assert_eq!(methods, vec!["POST", "HEAD", "OPTIONS", "DELETE", "POST"]);
+    assert_eq!(side.requests()[4].body.as_ref(), b"after continue");
+}

@@ -139,6 +139,7 @@ fn len_u32(len: usize) -> u32 {
 
 #[link(wasm_import_module = "env")]
 extern "C" {
+    fn proxy_done() -> u32;
     fn proxy_register_shared_queue(
         name_data: *const u8,
         name_size: usize,
@@ -154,4 +155,11 @@ pub fn register_shared_queue(name: &str) -> Result<u32, HostError> {
     // the whole call.
     check(unsafe { proxy_register_shared_queue(name.as_ptr(), name.len(), &mut id) })?;
     Ok(id)
+}
+
+/// Tells the host that a root context which returned `false` from
+/// `on_done` has finished its work and can be deleted.
+pub fn done() -> Result<(), HostError> {
+    // SAFETY: the call takes no arguments.
+    check(unsafe { proxy_done() })
 }

@@ -16,6 +16,7 @@ use crate::core::config;
 use crate::core::fanout::TargetResult;
 use crate::core::outcome::{self, Outcome, ResponseSummary};
 
+use super::abi;
 use super::body::HeldBody;
 use super::dispatch;
 use super::fanout;
@@ -39,6 +40,9 @@ pub struct Root {
     worker: Rc<Worker>,
     active: Option<Rc<Active>>,
     in_flight: HashMap<u32, InFlight>,
+    /// Envoy is retiring this plugin (a config push or shutdown) and waits
+    /// for `proxy_done` until the last in-flight call has its outcome.
+    draining: bool,
 }
 
 impl Root {
@@ -49,6 +53,7 @@ impl Root {
             worker: Rc::new(Worker::new(seed)),
             active: None,
             in_flight: HashMap::new(),
+            draining: false,
         }
     }
 
@@ -178,6 +183,20 @@ impl Root {
 }
 
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        self.dispatch_queued();
+        if self.in_flight.is_empty() {
+            return true;
+        }
+        info!(
+            "[{}] plugin retiring with {} side calls in flight; waiting for their outcomes",
+            self.context_id,
+            self.in_flight.len()
+        );
+        self.draining = true;
+        false
+    }
+
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -245,6 +264,19 @@ impl Context for Root {
         // This callback runs as the root, so queued calls can go out now
         // instead of waiting for the next wake-up.
         self.dispatch_queued();
+
+        if self.draining && self.in_flight.is_empty() {
+            info!(
+                "[{}] last side call finished; plugin retired",
+                self.context_id
+            );
+            if let Err(e) = abi::done() {
+                warn!(
+                    "[{}] reporting the plugin done failed: {e:?}",
+                    self.context_id
+                );
+            }
+        }
     }
 }
 

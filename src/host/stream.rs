@@ -386,6 +386,8 @@ impl Context for Stream {
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        #[cfg(feature = "fault-injection")]
+        inject_fault();
         self.start(end_of_stream);
         Action::Continue
     }
@@ -425,5 +427,18 @@ impl HttpContext for Stream {
 
     fn on_log(&mut self) {
         self.close();
+    }
+}
+
+/// Panics when the request asks for it, to exercise Envoy's VM failure
+/// handling in tests. Only built with the `fault-injection` feature.
+#[cfg(feature = "fault-injection")]
+#[allow(clippy::panic)]
+fn inject_fault() {
+    let header = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-mesh-fanout-fault");
+    if let Ok(Some(value)) = header {
+        if value == b"panic" {
+            panic!("x-mesh-fanout-fault: panic");
+        }
     }
 }

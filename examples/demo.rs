@@ -1,18 +1,24 @@
-//! Runs the user-registration scenario of envoy/shadow.yaml end to end.
+//! Runs the two scenarios of envoy/demo.yaml end to end: user registration,
+//! shadowed by the "signup" rule, and orders, fanned out by the "orders"
+//! rule.
 //!
-//! The demo starts the three services of that file in process and runs
-//! real Envoy on the file itself, with free ports. It sends
-//! `POST /api/v1/register` over HTTP/1.1 and HTTP/2 and waits until every
-//! side call has an outcome. Then it prints client latency, per-target
-//! outcomes, Envoy's side-call histograms and example Prometheus lines.
+//! The demo starts the six services of that file in process and runs real
+//! Envoy on the file itself, with free ports. It sends `POST
+//! /api/v1/register` and `POST /api/v1/orders` at the same time, over
+//! HTTP/1.1 and HTTP/2, and waits until every side call has an outcome.
+//! Then it prints client latency and responses, per-target outcomes, the
+//! fan-out counters, Envoy's histograms and example Prometheus lines.
 //!
 //! ```text
 //! make demo
 //! ENVOY_BIN=/path/to/envoy cargo run --release --example demo
 //! ```
 //!
-//! Exits with status 1 and a message if Envoy fails, a response is not 201,
-//! or the stats do not add up within their deadlines.
+//! Exits with status 1 and a message if Envoy fails or the stats do not add
+//! up within their deadlines. It also fails when a registration returns
+//! anything but 201, an order returns anything but 201 or a 502 with the
+//! fan-out failure body, or the number of 502s differs from inventory's 5xx
+//! outcomes.
 
 mod support;
 
@@ -25,37 +31,124 @@ use std::time::Duration;
 use mesh_fanout::core::outcome::{Outcome, Skip};
 use tokio::time::Instant;
 
-use support::client::{send_concurrent_timed, Proto, Request, TimedResult};
+use support::client::{send_concurrent_timed, Proto, Request, Response, TimedResult};
 use support::envoy::{free_port, try_wasm_path, Envoy};
 use support::stats::Histogram;
 use support::upstream::{Behaviour, Upstream};
 
-const SHIPPED_CONFIG: &str = "envoy/shadow.yaml";
-/// The filter's path in envoy/shadow.yaml, relative to the repository root.
+const SHIPPED_CONFIG: &str = "envoy/demo.yaml";
+/// The filter's path in envoy/demo.yaml, relative to the repository root.
 const SHIPPED_WASM_FILENAME: &str = "target/wasm32-wasip1/release/mesh_fanout.wasm";
-/// The `port_value`s of envoy/shadow.yaml, each replaced with a free port.
+/// The `port_value`s of envoy/demo.yaml, each replaced with a free port.
 const SHIPPED_LISTENER_PORT: u16 = 10000;
 const SHIPPED_ADMIN_PORT: u16 = 9901;
 const SHIPPED_USERS_PORT: u16 = 8081;
 const SHIPPED_ANALYTICS_PORT: u16 = 8082;
 const SHIPPED_MARKETING_PORT: u16 = 8083;
+const SHIPPED_ORDERS_PORT: u16 = 8084;
+const SHIPPED_INVENTORY_PORT: u16 = 8085;
+const SHIPPED_AUDIT_PORT: u16 = 8086;
 
-/// The rule and targets of envoy/shadow.yaml, in the order of the file.
-const RULE: &str = "signup";
-const TARGETS: [&str; 2] = ["analytics", "marketing"];
-const REGISTER_PATH: &str = "/api/v1/register";
+/// A rule of envoy/demo.yaml with its targets in the order of the file.
+struct RuleSpec {
+    name: &'static str,
+    mode: &'static str,
+    /// The path prefix that the rule matches, which is also the path the demo sends.
+    path: &'static str,
+    /// The service that the route sends the matched requests to.
+    primary: &'static str,
+    targets: &'static [TargetSpec],
+}
 
-const HTTP1_CONNECTIONS: usize = 8;
-const HTTP2_CONNECTIONS: usize = 2;
-const REQUESTS_PER_CONNECTION: usize = 40;
-const TOTAL_REQUESTS: usize = (HTTP1_CONNECTIONS + HTTP2_CONNECTIONS) * REQUESTS_PER_CONNECTION;
+struct TargetSpec {
+    name: &'static str,
+    /// The target's `"await"`. Shadow targets are never awaited.
+    awaited: bool,
+}
+
+const SIGNUP: RuleSpec = RuleSpec {
+    name: "signup",
+    mode: "shadow",
+    path: "/api/v1/register",
+    primary: "users",
+    targets: &[
+        TargetSpec {
+            name: "analytics",
+            awaited: false,
+        },
+        TargetSpec {
+            name: "marketing",
+            awaited: false,
+        },
+    ],
+};
+
+const ORDERS: RuleSpec = RuleSpec {
+    name: "orders",
+    mode: "fanout",
+    path: "/api/v1/orders",
+    primary: "orders",
+    targets: &[
+        TargetSpec {
+            name: "inventory",
+            awaited: true,
+        },
+        TargetSpec {
+            name: "audit",
+            awaited: false,
+        },
+    ],
+};
+
+const RULES: [&RuleSpec; 2] = [&SIGNUP, &ORDERS];
+
+/// The `result_header` of the orders rule.
+const RESULT_HEADER: &str = "x-mesh-fanout-result";
+/// The 502 body that replaces an orders response when inventory returns
+/// 503, the only failure that the demo's inventory service produces.
+const INVENTORY_FAILURE_BODY: &str = r#"{"error":"fanout_failed","rule":"orders","failed":[{"target":"inventory","outcome":"5xx","status":503}]}"#;
+
+/// Requests to one rule's path, sent over several connections at once.
+struct LoadPlan {
+    rule: &'static RuleSpec,
+    http1_connections: usize,
+    http2_connections: usize,
+    requests_per_connection: usize,
+    /// Builds request number `n`, counted from 0 over all connections.
+    build: fn(usize) -> Request,
+}
+
+impl LoadPlan {
+    const fn total(&self) -> usize {
+        (self.http1_connections + self.http2_connections) * self.requests_per_connection
+    }
+}
+
+const REGISTRATIONS: LoadPlan = LoadPlan {
+    rule: &SIGNUP,
+    http1_connections: 8,
+    http2_connections: 2,
+    requests_per_connection: 40,
+    build: registration,
+};
+
+/// Fewer connections than for registrations, because each order waits
+/// about 60 ms for inventory. 200 orders over 5 connections take about 2.5 s.
+const ORDER_LOAD: LoadPlan = LoadPlan {
+    rule: &ORDERS,
+    http1_connections: 3,
+    http2_connections: 2,
+    requests_per_connection: 40,
+    build: order,
+};
+
 /// Limit for sending every request and reading every response.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Limit for every side call to reach an outcome after the last response.
-/// The maximum side call duration is analytics' `timeout_ms` of 2 s.
+/// The maximum side call duration is audit's `timeout_ms` of 3 s.
 const OUTCOME_TIMEOUT: Duration = Duration::from_secs(15);
 /// Limit for Envoy's histograms to hold every sample. They update at each
-/// stats flush, every 1 s with the `stats_flush_interval` of envoy/shadow.yaml.
+/// stats flush, every 1 s with the `stats_flush_interval` of envoy/demo.yaml.
 const HISTOGRAM_TIMEOUT: Duration = Duration::from_secs(15);
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 const LOG_TAIL_LINES: usize = 40;
@@ -88,6 +181,9 @@ async fn run() -> Result<(), String> {
         users: services.users.port(),
         analytics: services.analytics.port(),
         marketing: services.marketing.port(),
+        orders: services.orders.port(),
+        inventory: services.inventory.port(),
+        audit: services.audit.port(),
     };
     let shipped_path = Path::new(env!("CARGO_MANIFEST_DIR")).join(SHIPPED_CONFIG);
     let shipped = std::fs::read_to_string(&shipped_path)
@@ -108,30 +204,46 @@ async fn run() -> Result<(), String> {
 /// Sends the load, waits for every outcome and histogram sample, and prints the report.
 async fn exercise(envoy: &mut Envoy, services: &Services) -> Result<(), String> {
     let version = envoy_version(envoy).await?;
-    let load = send_registrations(envoy.port()).await;
-    check_responses(&load)?;
+    let (registrations, orders) = tokio::join!(
+        send_load(envoy.port(), &REGISTRATIONS),
+        send_load(envoy.port(), &ORDER_LOAD)
+    );
+    check_registrations(&registrations)?;
+    check_orders(&orders)?;
 
-    let counters = wait_for_outcomes(envoy, TOTAL_REQUESTS as u64).await?;
-    let targets: Vec<TargetCounts> = TARGETS
+    let counters = wait_for_outcomes(envoy, &[&registrations, &orders]).await?;
+    let targets: Vec<TargetCounts> = RULES
         .iter()
-        .map(|target| TargetCounts::read(&counters, target))
+        .flat_map(|rule| rule.targets.iter().map(|t| (rule.name, t.name)))
+        .map(|(rule, target)| TargetCounts::read(&counters, rule, target))
         .collect();
-    let histograms = wait_for_histograms(envoy, &targets).await?;
+    let fanout = FanoutCounts::read(&counters, ORDERS.name);
+    check_failed_orders(&orders, &targets, &fanout)?;
+    let histograms = wait_for_histograms(envoy, &targets, &fanout).await?;
     let prometheus_examples = read_prometheus_examples(envoy).await?;
 
     print_header(envoy, &version);
-    print_client(&load);
-    print_targets(&counters, &targets, services);
+    print_client(&registrations, services);
+    print_targets(&SIGNUP, &counters, &targets, services);
+    print_client(&orders, services);
+    print_result_headers(&orders);
+    print_targets(&ORDERS, &counters, &targets, services);
+    print_fanout(&fanout, &orders, &targets, services);
     print_histograms(&targets, &histograms);
     print_prometheus(envoy, &prometheus_examples);
     Ok(())
 }
 
-/// The in-process services that envoy/shadow.yaml routes to.
+/// The in-process services that envoy/demo.yaml routes to.
 struct Services {
     users: Upstream,
     analytics: Upstream,
     marketing: Upstream,
+    orders: Upstream,
+    inventory: Upstream,
+    audit: Upstream,
+    /// Response behaviour of each service by name, which the report describes.
+    behaviours: BTreeMap<&'static str, Behaviour>,
 }
 
 impl Services {
@@ -150,19 +262,79 @@ impl Services {
             delay: Duration::from_millis(150),
             ..Behaviour::default()
         };
+
+        // Faster than inventory, so most orders responses wait for it.
+        let orders = Behaviour {
+            status: 201,
+            delay: Duration::from_millis(20),
+            ..Behaviour::default()
+        };
+        // One call in ten fails, and each failure turns an orders response
+        // into a 502 because the rule sets "on_failure": "fail".
+        let inventory = Behaviour {
+            delay: Duration::from_millis(60),
+            fail_every: 10,
+            ..Behaviour::default()
+        };
+        // Far slower than the orders responses but under the 3000 ms
+        // `timeout_ms` of the audit target. Audit is not awaited, so it
+        // delays no response.
+        let audit = Behaviour {
+            delay: Duration::from_millis(400),
+            ..Behaviour::default()
+        };
+
+        let behaviours = BTreeMap::from([
+            ("users", users.clone()),
+            ("analytics", analytics.clone()),
+            ("marketing", marketing.clone()),
+            ("orders", orders.clone()),
+            ("inventory", inventory.clone()),
+            ("audit", audit.clone()),
+        ]);
+
         Ok(Services {
             users: start_service("users", users).await?,
             analytics: start_service("analytics", analytics).await?,
             marketing: start_service("marketing", marketing).await?,
+            orders: start_service("orders", orders).await?,
+            inventory: start_service("inventory", inventory).await?,
+            audit: start_service("audit", audit).await?,
+            behaviours,
         })
     }
 
-    fn by_target(&self, target: &str) -> Option<&Upstream> {
-        match target {
+    fn by_name(&self, name: &str) -> Option<&Upstream> {
+        match name {
+            "users" => Some(&self.users),
             "analytics" => Some(&self.analytics),
             "marketing" => Some(&self.marketing),
+            "orders" => Some(&self.orders),
+            "inventory" => Some(&self.inventory),
+            "audit" => Some(&self.audit),
             _ => None,
         }
+    }
+
+    /// Describes how service `name` responds, for example
+    /// `200 after 60 ms, 503 for 1 call in 10`.
+    fn describe(&self, name: &str) -> String {
+        let Some(behaviour) = self.behaviours.get(name) else {
+            return "?".to_owned();
+        };
+        let mut text = if behaviour.delay.is_zero() {
+            format!("{} at once", behaviour.status)
+        } else {
+            format!(
+                "{} after {} ms",
+                behaviour.status,
+                behaviour.delay.as_millis()
+            )
+        };
+        if behaviour.fail_every != 0 {
+            text.push_str(&format!(", 503 for 1 call in {}", behaviour.fail_every));
+        }
+        text
     }
 }
 
@@ -178,6 +350,9 @@ struct Ports {
     users: u16,
     analytics: u16,
     marketing: u16,
+    orders: u16,
+    inventory: u16,
+    audit: u16,
 }
 
 /// Returns the shipped bootstrap with free ports and the absolute path of
@@ -190,6 +365,9 @@ fn render_shipped_config(shipped: &str, ports: &Ports, wasm: &Path) -> Result<St
         ("users cluster", SHIPPED_USERS_PORT, ports.users),
         ("analytics cluster", SHIPPED_ANALYTICS_PORT, ports.analytics),
         ("marketing cluster", SHIPPED_MARKETING_PORT, ports.marketing),
+        ("orders cluster", SHIPPED_ORDERS_PORT, ports.orders),
+        ("inventory cluster", SHIPPED_INVENTORY_PORT, ports.inventory),
+        ("audit cluster", SHIPPED_AUDIT_PORT, ports.audit),
     ];
     let mut yaml = shipped.to_owned();
     for (role, shipped_port, port) in replacements {
@@ -253,44 +431,56 @@ async fn envoy_version(envoy: &Envoy) -> Result<String, String> {
     Ok(version.split('/').nth(1).unwrap_or(version).to_owned())
 }
 
-/// Client-side results of the load.
+/// Client-side results of one load plan.
 struct Load {
+    plan: &'static LoadPlan,
     /// Latency of every request that received a response, sorted.
     latencies: Vec<Duration>,
     statuses: BTreeMap<u16, usize>,
+    /// Every response received, in the order of connection and then request.
+    responses: Vec<Response>,
     /// Requests that failed without a response.
     errors: Vec<String>,
     elapsed: Duration,
 }
 
-/// Sends `TOTAL_REQUESTS` registrations over HTTP/1.1 and HTTP/2 connections at once.
-async fn send_registrations(port: u16) -> Load {
+impl Load {
+    fn status_count(&self, status: u16) -> usize {
+        self.statuses.get(&status).copied().unwrap_or(0)
+    }
+}
+
+/// Sends the plan's requests over its HTTP/1.1 and HTTP/2 connections at once.
+async fn send_load(port: u16, plan: &'static LoadPlan) -> Load {
+    let per_connection = plan.requests_per_connection;
     let started = Instant::now();
     let http1 = send_concurrent_timed(
         Proto::Http1,
         port,
-        HTTP1_CONNECTIONS,
-        REQUESTS_PER_CONNECTION,
+        plan.http1_connections,
+        per_connection,
         LOAD_TIMEOUT,
-        |connection, index| registration(connection * REQUESTS_PER_CONNECTION + index),
+        move |connection, index| (plan.build)(connection * per_connection + index),
     );
     let http2 = send_concurrent_timed(
         Proto::Http2,
         port,
-        HTTP2_CONNECTIONS,
-        REQUESTS_PER_CONNECTION,
+        plan.http2_connections,
+        per_connection,
         LOAD_TIMEOUT,
-        |connection, index| {
-            let first = HTTP1_CONNECTIONS * REQUESTS_PER_CONNECTION;
-            registration(first + connection * REQUESTS_PER_CONNECTION + index)
+        move |connection, index| {
+            let first = plan.http1_connections * per_connection;
+            (plan.build)(first + connection * per_connection + index)
         },
     );
     let (http1, http2) = tokio::join!(http1, http2);
     let elapsed = started.elapsed();
 
     let mut load = Load {
-        latencies: Vec::with_capacity(TOTAL_REQUESTS),
+        plan,
+        latencies: Vec::with_capacity(plan.total()),
         statuses: BTreeMap::new(),
+        responses: Vec::with_capacity(plan.total()),
         errors: Vec::new(),
         elapsed,
     };
@@ -299,6 +489,7 @@ async fn send_registrations(port: u16) -> Load {
             Ok(response) => {
                 *load.statuses.entry(response.status).or_default() += 1;
                 load.latencies.push(latency);
+                load.responses.push(response);
             }
             Err(error) => load.errors.push(error),
         }
@@ -309,28 +500,123 @@ async fn send_registrations(port: u16) -> Load {
 
 fn registration(number: usize) -> Request {
     let body = format!(r#"{{"email":"user{number}@example.com","plan":"free"}}"#);
-    Request::post(REGISTER_PATH, body).header("content-type", "application/json")
+    Request::post(SIGNUP.path, body).header("content-type", "application/json")
 }
 
-fn check_responses(load: &Load) -> Result<(), String> {
-    let created = load.statuses.get(&201).copied().unwrap_or(0);
-    if created == TOTAL_REQUESTS {
+fn order(number: usize) -> Request {
+    let body = format!(
+        r#"{{"order":{number},"sku":"A-{}","quantity":1}}"#,
+        number % 7
+    );
+    Request::post(ORDERS.path, body).header("content-type", "application/json")
+}
+
+fn check_registrations(load: &Load) -> Result<(), String> {
+    let total = load.plan.total();
+    let created = load.status_count(201);
+    if created == total {
         return Ok(());
     }
+    Err(format!(
+        "{created} of {total} registrations returned 201, expected all. \
+         Responses by status: {}. {}",
+        format_statuses(&load.statuses),
+        describe_errors(load)
+    ))
+}
+
+/// Checks that every order returned 201, or 502 with the fan-out failure
+/// body, and that every response carries the result header.
+fn check_orders(load: &Load) -> Result<(), String> {
+    let total = load.plan.total();
+    if load.responses.len() != total {
+        return Err(format!(
+            "{} of {total} orders received a response, expected all. {}",
+            load.responses.len(),
+            describe_errors(load)
+        ));
+    }
+    for response in &load.responses {
+        let body = String::from_utf8_lossy(&response.body);
+        match response.status {
+            201 => {}
+            502 => {
+                let content_type = response.header("content-type");
+                if body != INVENTORY_FAILURE_BODY
+                    || content_type.as_deref() != Some("application/json")
+                {
+                    return Err(format!(
+                        "an order returned 502 with content-type {content_type:?} and body \
+                         {body:?}, expected application/json and {INVENTORY_FAILURE_BODY}"
+                    ));
+                }
+            }
+            status => {
+                return Err(format!(
+                    "an order returned {status} with body {body:?}, expected 201, or 502 \
+                     when inventory failed. Responses by status: {}",
+                    format_statuses(&load.statuses)
+                ));
+            }
+        }
+        if response.header(RESULT_HEADER).is_none() {
+            return Err(format!(
+                "an order response with status {} has no {RESULT_HEADER} header, which the \
+                 orders rule in {SHIPPED_CONFIG} adds to every response",
+                response.status
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn describe_errors(load: &Load) -> String {
     let first_error = load
         .errors
         .first()
         .map_or(String::new(), |error| format!(" First error: {error}"));
-    Err(format!(
-        "{created} of {TOTAL_REQUESTS} requests returned 201, expected all. \
-         Responses by status: {}. {} requests failed without a response.{first_error}",
-        format_statuses(&load.statuses),
-        load.errors.len(),
-    ))
+    format!(
+        "{} requests failed without a response.{first_error}",
+        load.errors.len()
+    )
+}
+
+/// Checks that each failed inventory call replaced exactly one orders
+/// response with a 502, as seen by the client and by the filter.
+fn check_failed_orders(
+    load: &Load,
+    targets: &[TargetCounts],
+    fanout: &FanoutCounts,
+) -> Result<(), String> {
+    let replaced = load.status_count(502) as u64;
+    let inventory_5xx = inventory_5xx(targets);
+    if replaced != inventory_5xx {
+        return Err(format!(
+            "the client received {replaced} responses with status 502 for orders, but \
+             inventory has {inventory_5xx} 5xx outcomes; with \"on_failure\": \"fail\" \
+             each failed inventory call should turn one response into a 502"
+        ));
+    }
+    if fanout.failed_responses != replaced {
+        return Err(format!(
+            "{} is {}, but the client received {replaced} responses with status 502",
+            fanout_counter_name(ORDERS.name, "failed_responses"),
+            fanout.failed_responses
+        ));
+    }
+    Ok(())
+}
+
+fn inventory_5xx(targets: &[TargetCounts]) -> u64 {
+    targets
+        .iter()
+        .find(|t| t.rule == ORDERS.name && t.name == "inventory")
+        .map_or(0, |t| t.outcome(Outcome::Status5xx.as_str()))
 }
 
 /// The filter's counters for one target.
 struct TargetCounts {
+    rule: &'static str,
     name: &'static str,
     dispatched: u64,
     /// Side calls by outcome, in the order of `Outcome::ALL`.
@@ -340,8 +626,12 @@ struct TargetCounts {
 }
 
 impl TargetCounts {
-    fn read(counters: &BTreeMap<String, u64>, name: &'static str) -> TargetCounts {
-        let prefix = format!("wasmcustom.mesh_fanout.rule.{RULE}.target.{name}");
+    fn read(
+        counters: &BTreeMap<String, u64>,
+        rule: &'static str,
+        name: &'static str,
+    ) -> TargetCounts {
+        let prefix = format!("wasmcustom.mesh_fanout.rule.{rule}.target.{name}");
         let counter = |suffix: String| {
             counters
                 .get(&format!("{prefix}.{suffix}"))
@@ -349,6 +639,7 @@ impl TargetCounts {
                 .unwrap_or(0)
         };
         TargetCounts {
+            rule,
             name,
             dispatched: counter("dispatched".to_owned()),
             outcomes: Outcome::ALL
@@ -387,18 +678,46 @@ impl TargetCounts {
     }
 }
 
-fn matched_counter_name() -> String {
-    format!("wasmcustom.mesh_fanout.rule.{RULE}.matched")
+/// The counters that only fan-out rules have.
+struct FanoutCounts {
+    rule: &'static str,
+    /// Responses that waited for an awaited target after the primary responded.
+    held_responses: u64,
+    /// Responses replaced with a 502 because an awaited target failed.
+    failed_responses: u64,
 }
 
-/// Polls until the rule matched `expected_matched` requests and every target
-/// accounts for each of them with an outcome or a skip reason. Returns the
-/// filter's counters.
+impl FanoutCounts {
+    fn read(counters: &BTreeMap<String, u64>, rule: &'static str) -> FanoutCounts {
+        let counter = |suffix: &str| {
+            counters
+                .get(&fanout_counter_name(rule, suffix))
+                .copied()
+                .unwrap_or(0)
+        };
+        FanoutCounts {
+            rule,
+            held_responses: counter("held_responses"),
+            failed_responses: counter("failed_responses"),
+        }
+    }
+}
+
+fn fanout_counter_name(rule: &str, suffix: &str) -> String {
+    format!("wasmcustom.mesh_fanout.rule.{rule}.{suffix}")
+}
+
+fn matched_counter_name(rule: &str) -> String {
+    format!("wasmcustom.mesh_fanout.rule.{rule}.matched")
+}
+
+/// Polls until each load's rule matched one request per response and every
+/// target accounts for each of them with an outcome or a skip reason.
+/// Returns the filter's counters.
 async fn wait_for_outcomes(
     envoy: &mut Envoy,
-    expected_matched: u64,
+    loads: &[&Load],
 ) -> Result<BTreeMap<String, u64>, String> {
-    let matched_name = matched_counter_name();
     let deadline = Instant::now() + OUTCOME_TIMEOUT;
     loop {
         ensure_running(envoy)?;
@@ -408,31 +727,42 @@ async fn wait_for_outcomes(
             .map_err(|e| with_log_tail(envoy, e))?;
         counters.retain(|name, _| name.starts_with("wasmcustom.mesh_fanout."));
 
-        let matched = counters.get(&matched_name).copied().unwrap_or(0);
-        let settled: Vec<(&str, u64)> = TARGETS
-            .iter()
-            .map(|target| (*target, TargetCounts::read(&counters, target).settled()))
-            .collect();
-        if matched == expected_matched && settled.iter().all(|(_, count)| *count == matched) {
+        let mut problems = Vec::new();
+        for load in loads {
+            let rule = load.plan.rule;
+            let matched_name = matched_counter_name(rule.name);
+            let matched = counters.get(&matched_name).copied().unwrap_or(0);
+            let expected = load.responses.len() as u64;
+            if matched != expected {
+                problems.push(format!(
+                    "{matched_name} is {matched}, expected {expected} (one per response)"
+                ));
+            }
+            for target in rule.targets {
+                let settled = TargetCounts::read(&counters, rule.name, target.name).settled();
+                if settled != matched {
+                    problems.push(format!(
+                        "rule {} target {} has {settled} outcomes plus skips, expected \
+                         {matched}",
+                        rule.name, target.name
+                    ));
+                }
+            }
+        }
+        if problems.is_empty() {
             return Ok(counters);
         }
 
         if Instant::now() >= deadline {
-            let settled: Vec<String> = settled
-                .iter()
-                .map(|(target, count)| format!("{target} {count}"))
-                .collect();
             let non_zero: Vec<String> = counters
                 .iter()
                 .filter(|(_, value)| **value != 0)
                 .map(|(name, value)| format!("  {name}: {value}"))
                 .collect();
             return Err(format!(
-                "side call counts did not add up within {OUTCOME_TIMEOUT:?}: {matched_name} \
-                 is {matched}, expected {expected_matched} (one per 201 response), and \
-                 outcomes plus skips per target are {}, expected {matched} each. \
+                "side call counts did not add up within {OUTCOME_TIMEOUT:?}: {}. \
                  Non-zero filter counters:\n{}",
-                settled.join(", "),
+                problems.join("; "),
                 non_zero.join("\n")
             ));
         }
@@ -440,29 +770,36 @@ async fn wait_for_outcomes(
     }
 }
 
-fn side_call_histogram_name(target: &str) -> String {
-    format!("wasmcustom.mesh_fanout.rule.{RULE}.target.{target}.side_call_ms")
+fn side_call_histogram_name(rule: &str, target: &str) -> String {
+    format!("wasmcustom.mesh_fanout.rule.{rule}.target.{target}.side_call_ms")
+}
+
+fn held_histogram_name(rule: &str) -> String {
+    format!("wasmcustom.mesh_fanout.rule.{rule}.held_ms")
 }
 
 const HANDOFF_HISTOGRAM: &str = "wasmcustom.mesh_fanout.handoff_delay_us";
 
-/// Polls until Envoy's histograms hold a sample for every side call of the
-/// run: one `side_call_ms` per dispatched call, and one `handoff_delay_us`
-/// per call handed to the root context, whether Envoy dispatched or
-/// rejected it.
+/// Polls until Envoy's histograms hold a sample for every side call and
+/// fan-out response of the run. That is one `side_call_ms` per dispatched
+/// call, one `handoff_delay_us` per call handed to the root context
+/// (dispatched or rejected by Envoy), and one `held_ms` per response of the
+/// fan-out rule, held or not.
 async fn wait_for_histograms(
     envoy: &mut Envoy,
     targets: &[TargetCounts],
+    fanout: &FanoutCounts,
 ) -> Result<BTreeMap<String, Histogram>, String> {
     let mut expected: Vec<(String, u64)> = targets
         .iter()
-        .map(|t| (side_call_histogram_name(t.name), t.dispatched))
+        .map(|t| (side_call_histogram_name(t.rule, t.name), t.dispatched))
         .collect();
     let handed_off = targets
         .iter()
         .map(|t| t.dispatched + t.outcome(Outcome::DispatchError.as_str()))
         .sum();
     expected.push((HANDOFF_HISTOGRAM.to_owned(), handed_off));
+    expected.push((held_histogram_name(fanout.rule), ORDER_LOAD.total() as u64));
 
     let deadline = Instant::now() + HISTOGRAM_TIMEOUT;
     loop {
@@ -492,8 +829,15 @@ async fn wait_for_histograms(
     }
 }
 
-/// Returns two non-zero filter counters from `/stats/prometheus`: a side
-/// call outcome and a skip reason.
+/// Prometheus metrics of which the report shows one non-zero line each.
+const PROMETHEUS_EXAMPLES: [&str; 3] = [
+    "mesh_fanout_side_calls",
+    "mesh_fanout_skipped",
+    "mesh_fanout_held_responses",
+];
+
+/// Returns a non-zero line of each of `PROMETHEUS_EXAMPLES` from
+/// `/stats/prometheus`.
 async fn read_prometheus_examples(envoy: &mut Envoy) -> Result<Vec<String>, String> {
     ensure_running(envoy)?;
     let text = envoy
@@ -508,13 +852,14 @@ async fn read_prometheus_examples(envoy: &mut Envoy) -> Result<Vec<String>, Stri
             })
             .map(str::to_owned)
     };
-    ["mesh_fanout_side_calls", "mesh_fanout_skipped"]
+    PROMETHEUS_EXAMPLES
         .iter()
         .map(|metric| {
             first_non_zero(metric).ok_or_else(|| {
                 format!(
                     "/stats/prometheus has no non-zero {metric} line. The stats_tags in \
-                     {SHIPPED_CONFIG} should produce one per rule, target and outcome or reason"
+                     {SHIPPED_CONFIG} should produce one per rule, and per target and \
+                     outcome or reason where the stat has them"
                 )
             })
         })
@@ -550,15 +895,41 @@ fn print_header(envoy: &Envoy, version: &str) {
         envoy.pid(),
         envoy.port()
     );
+    println!(
+        "The registrations and the orders are sent at the same time, each request \
+         waiting for the previous response on its connection."
+    );
     println!();
 }
 
-fn print_client(load: &Load) {
+fn print_client(load: &Load, services: &Services) {
+    let plan = load.plan;
+    let rule = plan.rule;
     println!(
-        "Client: {TOTAL_REQUESTS} x POST {REGISTER_PATH} in {:.2} s over {HTTP1_CONNECTIONS} \
-         HTTP/1.1 and {HTTP2_CONNECTIONS} HTTP/2 connections, {REQUESTS_PER_CONNECTION} \
-         requests each, one at a time per connection",
-        load.elapsed.as_secs_f64()
+        "Client: {} x POST {} in {:.2} s over {} HTTP/1.1 and {} HTTP/2 connections, {} \
+         requests each ({} rule {:?})",
+        plan.total(),
+        rule.path,
+        load.elapsed.as_secs_f64(),
+        plan.http1_connections,
+        plan.http2_connections,
+        plan.requests_per_connection,
+        rule.mode,
+        rule.name
+    );
+    let targets: Vec<String> = rule
+        .targets
+        .iter()
+        .map(|t| {
+            let awaited = if t.awaited { ", awaited" } else { "" };
+            format!("{} ({}{awaited})", t.name, services.describe(t.name))
+        })
+        .collect();
+    println!(
+        "  services      {} {}; targets {}",
+        rule.primary,
+        services.describe(rule.primary),
+        targets.join(", ")
     );
     println!("  responses     {}", format_statuses(&load.statuses));
     let latencies: Vec<String> = PERCENTILES
@@ -572,20 +943,61 @@ fn print_client(load: &Load) {
     println!();
 }
 
-fn print_targets(counters: &BTreeMap<String, u64>, targets: &[TargetCounts], services: &Services) {
-    let matched = counters.get(&matched_counter_name()).copied().unwrap_or(0);
-    println!("Side calls: rule {RULE:?} matched {matched} requests");
+/// Prints the count of each distinct status and result header value, and
+/// the body of a 502 if there was one.
+fn print_result_headers(load: &Load) {
+    let mut values: BTreeMap<(u16, String), usize> = BTreeMap::new();
+    for response in &load.responses {
+        let value = response
+            .header(RESULT_HEADER)
+            .unwrap_or_else(|| "(missing)".to_owned());
+        *values.entry((response.status, value)).or_default() += 1;
+    }
     println!(
-        "  {:<11} {:>10} {:>9}  {:<30} skipped",
-        "target", "dispatched", "received", "outcomes"
+        "Responses to POST {} by status and {RESULT_HEADER}:",
+        load.plan.rule.path
     );
-    for target in targets {
+    for ((status, value), count) in &values {
+        println!("  {count:>5} x {status}  {value}");
+    }
+    if let Some(failed) = load.responses.iter().find(|r| r.status == 502) {
+        println!("  502 body: {}", String::from_utf8_lossy(&failed.body));
+    }
+    println!();
+}
+
+fn print_targets(
+    rule: &RuleSpec,
+    counters: &BTreeMap<String, u64>,
+    targets: &[TargetCounts],
+    services: &Services,
+) {
+    let matched = counters
+        .get(&matched_counter_name(rule.name))
+        .copied()
+        .unwrap_or(0);
+    println!(
+        "Side calls: rule {:?} matched {matched} requests",
+        rule.name
+    );
+    println!(
+        "  {:<11} {:>7} {:>10} {:>9}  {:<30} skipped",
+        "target", "awaited", "dispatched", "received", "outcomes"
+    );
+    for spec in rule.targets {
+        let Some(target) = targets
+            .iter()
+            .find(|t| t.rule == rule.name && t.name == spec.name)
+        else {
+            continue;
+        };
         let received = services
-            .by_target(target.name)
+            .by_name(target.name)
             .map_or("?".to_owned(), |service| service.count().to_string());
         println!(
-            "  {:<11} {:>10} {:>9}  {:<30} {}",
+            "  {:<11} {:>7} {:>10} {:>9}  {:<30} {}",
             target.name,
+            if spec.awaited { "yes" } else { "no" },
             target.dispatched,
             received,
             format_non_zero(&target.outcomes),
@@ -596,9 +1008,36 @@ fn print_targets(counters: &BTreeMap<String, u64>, targets: &[TargetCounts], ser
     println!();
 }
 
+fn print_fanout(fanout: &FanoutCounts, load: &Load, targets: &[TargetCounts], services: &Services) {
+    let inventory_5xx = inventory_5xx(targets);
+    println!("Fan-out: rule {:?}", fanout.rule);
+    println!(
+        "  held_responses    {:>5}  responses that waited for inventory after the orders service responded",
+        fanout.held_responses
+    );
+    println!(
+        "  failed_responses  {:>5}  responses replaced with a 502; the client received {} \
+         502s, and inventory had {inventory_5xx} 5xx outcomes",
+        fanout.failed_responses,
+        load.status_count(502)
+    );
+    // A 502 does not undo the primary request, which a reader of the
+    // status counts alone could assume.
+    println!(
+        "  The {} service received {} requests and responded to each, so the orders \
+         behind the 502s were still created.",
+        ORDERS.primary,
+        services.orders.count()
+    );
+    println!();
+}
+
 fn print_histograms(targets: &[TargetCounts], histograms: &BTreeMap<String, Histogram>) {
     println!("Envoy histograms (Envoy's estimates from its buckets)");
-    println!("  side_call_ms holds whole milliseconds, so a call under 1 ms records 0");
+    println!("  side_call_ms and held_ms hold whole milliseconds, so a value under 1 ms records 0");
+    println!(
+        "  held_ms: time each orders response waited after the orders service responded, 0 when not held"
+    );
     let labels: Vec<String> = PERCENTILES
         .iter()
         .map(|(label, _)| format!("{label:>8}"))
@@ -608,14 +1047,17 @@ fn print_histograms(targets: &[TargetCounts], histograms: &BTreeMap<String, Hist
         .iter()
         .map(|t| {
             (
-                format!("side_call_ms {}", t.name),
-                side_call_histogram_name(t.name),
+                format!("side_call_ms {}/{}", t.rule, t.name),
+                side_call_histogram_name(t.rule, t.name),
             )
         })
-        .chain(std::iter::once((
-            "handoff_delay_us".to_owned(),
-            HANDOFF_HISTOGRAM.to_owned(),
-        )));
+        .chain([
+            (
+                format!("held_ms {}", ORDERS.name),
+                held_histogram_name(ORDERS.name),
+            ),
+            ("handoff_delay_us".to_owned(), HANDOFF_HISTOGRAM.to_owned()),
+        ]);
     for (label, name) in rows {
         let histogram = histograms.get(&name);
         let values: Vec<String> = PERCENTILES

@@ -376,3 +376,82 @@ async fn large_headers_path_and_methods() {
     assert_eq!(methods, vec!["POST", "HEAD", "OPTIONS", "DELETE", "POST"]);
     assert_eq!(side.requests()[4].body.as_ref(), b"after continue");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_large_bodies_stay_bounded() {
+    let primary = Upstream::start(created()).await;
+    let side = Upstream::start(Behaviour::default()).await;
+    let envoy = Envoy::start(
+        EnvoyConfig::new(primary.port())
+            .target("side", side.port(), Proto::Http1)
+            .plugin_config(signup_rule(
+                r#""limits": {"max_body_bytes_per_worker": 8388608}, "#,
+                r#"{"name": "side", "cluster": "side", "max_body_bytes": 4194304}"#,
+            )),
+    )
+    .await;
+
+    // Twelve 3 MiB uploads on six connections: more than the 8 MiB budget
+    // of a worker if they overlap, so some may be skipped, but none may
+    // crash the VM or go uncounted.
+    const LEN: usize = 3 * 1024 * 1024;
+    let results = send_concurrent(Proto::Http1, envoy.port(), 6, 2, WAIT, |c, i| {
+        let body: Vec<u8> = (0..LEN).map(|n| ((n + c * 7 + i) % 256) as u8).collect();
+        let chunks: Vec<Bytes> = body.chunks(64 * 1024).map(Bytes::copy_from_slice).collect();
+        Request::post(&format!("/api/upload/{c}/{i}"), Bytes::new()).chunked(chunks)
+    })
+    .await;
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|r| r.status == 201)));
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let counters = envoy
+            .counters_matching("wasmcustom.mesh_fanout.rule.signup.target.side.")
+            .await;
+        let settled: u64 = counters
+            .iter()
+            .filter(|(name, _)| name.ends_with(".side_calls") || name.ends_with(".skipped"))
+            .map(|(_, value)| value)
+            .sum();
+        if settled == 12 {
+            let sent = counters
+                .get(&stat("side", "outcome.success.side_calls"))
+                .copied()
+                .unwrap_or(0);
+            let skipped = counters
+                .get(&stat("side", "reason.buffer_limit.skipped"))
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(sent + skipped, 12, "{counters:#?}");
+            assert_eq!(side.count() as u64, sent);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{counters:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for copy in side.requests() {
+        assert_eq!(copy.body.len(), LEN, "{}", copy.path);
+    }
+    for original in primary.requests() {
+        assert_eq!(original.body.len(), LEN, "{}", original.path);
+    }
+
+    // The VMs survived and keep copying.
+    let before = side.count();
+    let response = send(
+        Proto::Http2,
+        envoy.port(),
+        Request::post("/api/after", "small"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 201);
+    side.wait_for_count(before + 1, WAIT).await.unwrap();
+    assert!(
+        !envoy.log_text().contains("memory allocation"),
+        "{}",
+        envoy.log_tail(40)
+    );
+}

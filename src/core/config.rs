@@ -172,7 +172,8 @@ fn deserialize(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
     let raw = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let mut path = e.path().to_string();
         let inner = e.into_inner();
-        let message = inner.to_string();
+        let syntax = inner.is_syntax() || inner.is_eof();
+        let message = readable_types(&inner.to_string());
         // serde reports a missing field at its parent; point at the field.
         if let Some(field) = missing_field_name(&message) {
             path = if path == "." {
@@ -181,6 +182,9 @@ fn deserialize(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
                 format!("{path}.{field}")
             };
             return error(path, "missing");
+        }
+        if syntax {
+            return error("", format!("invalid JSON: {message}"));
         }
         if path == "." {
             return error("", message);
@@ -194,6 +198,14 @@ fn deserialize(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
         )
     })?;
     Ok(raw)
+}
+
+/// Replaces Rust type names in serde's messages with JSON terms.
+fn readable_types(message: &str) -> String {
+    message
+        .replace("expected f64", "expected a number")
+        .replace("expected u64", "expected a whole number of at least 0")
+        .replace("expected a boolean", "expected true or false")
 }
 
 fn missing_field_name(message: &str) -> Option<&str> {
@@ -344,6 +356,8 @@ fn default_max_body_bytes() -> u64 {
 fn compile(raw: RawConfig) -> Result<Parsed, ConfigError> {
     let mut warnings = Vec::new();
 
+    let mut raw = raw;
+    raw.marker_header = raw.marker_header.to_ascii_lowercase();
     check_header_name("marker_header", &raw.marker_header)?;
 
     if raw.rules.is_empty() {
@@ -377,6 +391,18 @@ fn compile(raw: RawConfig) -> Result<Parsed, ConfigError> {
             raw.limits.max_body_bytes_per_worker,
         )?,
     };
+    for rule in &rules {
+        for target in rule
+            .targets
+            .iter()
+            .filter(|t| t.body && t.max_body_bytes > limits.max_body_bytes)
+        {
+            warnings.push(format!(
+                "rule {:?} target {:?}: max_body_bytes {} is above limits.max_body_bytes_per_worker {}, so bodies between the two are skipped as buffer_limit",
+                rule.name, target.name, target.max_body_bytes, limits.max_body_bytes
+            ));
+        }
+    }
     if raw.strip_incoming_marker {
         warnings.push(format!(
             "strip_incoming_marker: {:?} is removed from incoming requests, so a target that routes back to this listener loops; use it only on edge listeners",
@@ -607,6 +633,17 @@ fn compile_target(
         ));
     }
 
+    let sample_rate = Rate::from_percent(raw.sample_percent);
+    if raw.sample_percent > 0.0 && sample_rate.never() {
+        return Err(error(
+            format!("{path}.sample_percent"),
+            format!(
+                "{} rounds to 0 and would never sample; use 0 to turn the target off or at least 0.0001",
+                raw.sample_percent
+            ),
+        ));
+    }
+
     let sample_key = raw.sample_key.to_ascii_lowercase();
     check_header_name(&format!("{path}.sample_key"), &sample_key)?;
 
@@ -650,7 +687,7 @@ fn compile_target(
         name: raw.name,
         cluster: raw.cluster,
         timeout_ms: raw.timeout_ms,
-        sample_rate: Rate::from_percent(raw.sample_percent),
+        sample_rate,
         sample_key,
         authority: raw.authority,
         path: raw.path,
@@ -672,7 +709,12 @@ fn compile_header_edits(
 ) -> Result<HeaderEdits, ConfigError> {
     let mut set = Vec::with_capacity(raw.set.len());
     for (name, value) in raw.set {
-        let field = format!("{path}.set.{name}");
+        let field = if !name.bytes().any(|b| b.is_ascii_control() || b == b'"') {
+            format!("{path}.set.{name}")
+        } else {
+            // Quoted, so a name with a line break cannot split the log line.
+            format!("{path}.set[{name:?}]")
+        };
         let lower = name.to_ascii_lowercase();
         check_editable_header(&field, &lower, marker_header)?;
         if headers::has_line_break_or_nul(value.as_bytes()) {
@@ -898,6 +940,70 @@ mod tests {
         assert!(message.contains("key must be a string"), "{message}");
         let message = parse_err(r#"{"rules": []} x"#);
         assert!(message.contains("trailing characters"), "{message}");
+    }
+
+    #[test]
+    fn messages_use_json_terms() {
+        let message = parse_err("not json");
+        assert!(message.starts_with("invalid JSON: expected"), "{message}");
+        let message = parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "sample_percent": "all"}"#,
+        ));
+        assert!(message.contains("expected a number"), "{message}");
+        let message = parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "timeout_ms": -5}"#,
+        ));
+        assert!(
+            message.contains("expected a whole number of at least 0"),
+            "{message}"
+        );
+        let message = parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "body": "yes"}"#,
+        ));
+        assert!(message.contains("expected true or false"), "{message}");
+    }
+
+    #[test]
+    fn header_name_with_line_break_quoted() {
+        let message = parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "headers": {"set": {"x-a\r\nx-b": "v"}}}"#,
+        ));
+        assert!(
+            message.starts_with(
+                r#"rules[0].targets[0].headers.set["x-a\r\nx-b"]: invalid header name"#
+            ),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "{message}");
+    }
+
+    #[test]
+    fn tiny_sample_percent_rejected() {
+        let message = parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "sample_percent": 0.00001}"#,
+        ));
+        assert!(
+            message.starts_with("rules[0].targets[0].sample_percent: 0.00001 rounds to 0"),
+            "{message}"
+        );
+        assert!(parse(
+            one_target(r#"{"name": "t", "cluster": "c", "sample_percent": 0.0001}"#).as_bytes()
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn marker_header_lowercased() {
+        let parsed = parse(br#"{"marker_header": "X-Mesh-Fanout", "rules": []}"#).unwrap();
+        assert_eq!(parsed.config.marker_header, "x-mesh-fanout");
+    }
+
+    #[test]
+    fn body_limit_above_worker_budget_warns() {
+        let json = r#"{"limits": {"max_body_bytes_per_worker": 1000}, "rules": [{"name": "r", "targets": [{"name": "t", "cluster": "c", "max_body_bytes": 5000}]}]}"#;
+        let parsed = parse(json.as_bytes()).unwrap();
+        assert_eq!(parsed.warnings.len(), 1, "{:?}", parsed.warnings);
+        assert!(parsed.warnings[0].contains("skipped as buffer_limit"));
     }
 
     #[test]

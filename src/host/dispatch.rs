@@ -5,6 +5,8 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 
+use crate::core::outcome::Outcome;
+
 /// Starts an HTTP call to `cluster` and returns the host's token.
 ///
 /// Envoy returns `BadArgument` for a cluster it does not know or a header
@@ -21,6 +23,28 @@ pub fn http_call(
         .map(|(name, value)| (name.as_str(), value_as_str(value)))
         .collect();
     hostcalls::dispatch_http_call(cluster, pairs, body, Vec::new(), timeout)
+}
+
+/// Maps Envoy's refusal to start a call to an outcome. `InternalFailure`
+/// means the async client rejected the request at once, which in Envoy 1.40
+/// happens when the target cluster's circuit breaker overflows or it has no
+/// healthy host; both are the mesh shedding load, so they count as overflow.
+pub fn refusal_outcome(status: Status) -> Outcome {
+    match status {
+        Status::InternalFailure => Outcome::Overflow,
+        _ => Outcome::DispatchError,
+    }
+}
+
+/// Explains a refusal in a log line, with the likely fix.
+pub fn refusal_hint(status: Status, cluster: &str) -> String {
+    match status {
+        Status::BadArgument => format!("Envoy rejected the call (BadArgument): cluster {cluster:?} is not defined in Envoy"),
+        Status::InternalFailure => format!(
+            "Envoy rejected the call at once (InternalFailure): cluster {cluster:?} overflowed its circuit breakers or has no healthy host"
+        ),
+        other => format!("Envoy rejected the call ({other:?}) for cluster {cluster:?}"),
+    }
 }
 
 /// Passes a header value to the SDK, whose `dispatch_http_call` takes

@@ -108,29 +108,23 @@ impl Root {
             }
             Err(status) => {
                 self.worker.call_finished();
-                call.active.metrics.outcome(
-                    call.rule,
-                    call.target,
-                    Outcome::DispatchError,
-                    None,
-                    false,
-                );
+                let outcome = dispatch::refusal_outcome(status);
+                call.active
+                    .metrics
+                    .outcome(call.rule, call.target, outcome, None, false);
                 self.log_failure(
                     &call.active,
                     call.rule,
                     call.target,
-                    Outcome::DispatchError,
-                    &format!(
-                        "Envoy refused the call ({status:?}); check that cluster {:?} exists",
-                        target.cluster
-                    ),
+                    outcome,
+                    &dispatch::refusal_hint(status, &target.cluster),
                     &call.request_id,
                 );
                 // Counted first, so the stats agree by the time the client
                 // sees the released response.
                 if let Some(waiter) = &call.waiter {
                     let result = TargetResult::Done {
-                        outcome: Outcome::DispatchError,
+                        outcome,
                         status: None,
                     };
                     fanout::record(
@@ -170,7 +164,7 @@ impl Root {
             .and_then(|r| r.targets.get(target))
             .map_or("?", |t| t.name.as_str());
         let dropped = if suppressed > 0 {
-            format!(" ({suppressed} similar lines suppressed)")
+            format!(" ({suppressed} earlier failure lines suppressed)")
         } else {
             String::new()
         };

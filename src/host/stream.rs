@@ -151,12 +151,28 @@ impl Stream {
         let request_id: Rc<str> = headers::first(&request_headers, "x-request-id")
             .map(|v| String::from_utf8_lossy(v).into())
             .unwrap_or_else(|| "-".into());
+        let mut body = HeldBody::new(Rc::clone(&self.worker));
+        if !end_of_stream {
+            let largest = targets
+                .iter()
+                .filter(|t| t.wants_body)
+                .map(|t| t.max_body_bytes)
+                .max();
+            let declared = headers::first(&request_headers, "content-length")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if let (Some(largest), Some(declared)) = (largest, declared) {
+                if declared <= largest {
+                    body.reserve_expected(declared, active.config.limits.max_body_bytes);
+                }
+            }
+        }
         let pending = Pending {
             active: Rc::clone(&active),
             rule: rule_index,
             targets,
             headers: request_headers,
-            body: HeldBody::new(Rc::clone(&self.worker)),
+            body,
             body_len: 0,
             request_id,
             waiter,

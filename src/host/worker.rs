@@ -141,6 +141,12 @@ impl Worker {
         true
     }
 
+    /// Counts bytes the allocator added beyond a reservation.
+    pub fn reserve_body_bytes_unchecked(&self, len: usize) {
+        self.body_bytes
+            .set(self.body_bytes.get().saturating_add(len));
+    }
+
     pub fn release_body_bytes(&self, len: usize) {
         self.body_bytes
             .set(self.body_bytes.get().saturating_sub(len));

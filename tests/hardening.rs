@@ -386,7 +386,7 @@ async fn concurrent_large_bodies_stay_bounded() {
             .target("side", side.port(), Proto::Http1)
             .plugin_config(signup_rule(
                 r#""limits": {"max_body_bytes_per_worker": 8388608}, "#,
-                r#"{"name": "side", "cluster": "side", "max_body_bytes": 4194304}"#,
+                r#"{"name": "side", "cluster": "side", "max_body_bytes": 4194304, "timeout_ms": 10000}"#,
             )),
     )
     .await;

@@ -11,6 +11,8 @@ use serde::Deserialize;
 
 use super::headers;
 use super::matcher::{self, HeaderMatcher, PathMatcher, RequestMatcher, ValueMatcher};
+use super::outcome::Outcome;
+use super::retry::{RetryPolicy, MAX_ATTEMPTS};
 use super::sampling::Rate;
 
 pub const DEFAULT_MARKER_HEADER: &str = "x-mesh-fanout";
@@ -75,6 +77,18 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Request body bytes copied for side calls and not yet dispatched.
     pub max_body_bytes: usize,
+    /// Retries in flight as a share of all side calls in flight.
+    pub retry_budget_percent: u32,
+    /// Retries always allowed, whatever the share.
+    pub min_retry_concurrency: usize,
+}
+
+/// Where a side call goes once it has finally failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub cluster: String,
+    pub path: String,
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug)]
@@ -135,6 +149,11 @@ pub struct Target {
     pub awaited: bool,
     /// Drop `authorization`, `proxy-authorization` and `cookie`.
     pub strip_credentials: bool,
+    /// The filter's own retries; `None` leaves retries to the mesh.
+    pub retry: Option<RetryPolicy>,
+    /// Header that carries a key stable across retries and hops.
+    pub idempotency_header: Option<String>,
+    pub dead_letter: Option<DeadLetter>,
 }
 
 impl Config {
@@ -241,6 +260,71 @@ struct RawLimits {
     max_in_flight_per_worker: u64,
     #[serde(default = "default_max_body_bytes_per_worker")]
     max_body_bytes_per_worker: u64,
+    #[serde(default = "default_retry_budget_percent")]
+    retry_budget_percent: u32,
+    #[serde(default = "default_min_retry_concurrency")]
+    min_retry_concurrency: u32,
+}
+
+fn default_retry_budget_percent() -> u32 {
+    20
+}
+fn default_min_retry_concurrency() -> u32 {
+    3
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: u32,
+    #[serde(default)]
+    backoff_ms: RawBackoff,
+    #[serde(default = "default_retry_on")]
+    on: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackoff {
+    #[serde(default = "default_backoff_base")]
+    base: u64,
+    #[serde(default = "default_backoff_max")]
+    max: u64,
+}
+
+impl Default for RawBackoff {
+    fn default() -> RawBackoff {
+        RawBackoff {
+            base: default_backoff_base(),
+            max: default_backoff_max(),
+        }
+    }
+}
+
+fn default_backoff_base() -> u64 {
+    50
+}
+fn default_backoff_max() -> u64 {
+    1000
+}
+fn default_retry_on() -> Vec<String> {
+    ["5xx", "reset", "timeout", "overflow"]
+        .map(String::from)
+        .to_vec()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeadLetter {
+    cluster: String,
+    #[serde(default = "default_dead_letter_path")]
+    path: String,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+}
+
+fn default_dead_letter_path() -> String {
+    "/".to_string()
 }
 
 impl Default for RawLimits {
@@ -248,6 +332,8 @@ impl Default for RawLimits {
         RawLimits {
             max_in_flight_per_worker: DEFAULT_MAX_IN_FLIGHT_PER_WORKER,
             max_body_bytes_per_worker: DEFAULT_MAX_BODY_BYTES_PER_WORKER,
+            retry_budget_percent: default_retry_budget_percent(),
+            min_retry_concurrency: default_min_retry_concurrency(),
         }
     }
 }
@@ -323,6 +409,9 @@ struct RawTarget {
     awaited: Option<bool>,
     #[serde(default = "default_true")]
     strip_credentials: bool,
+    retry: Option<RawRetry>,
+    idempotency_header: Option<String>,
+    dead_letter: Option<RawDeadLetter>,
 }
 
 #[derive(Deserialize, Default)]
@@ -390,7 +479,18 @@ fn compile(raw: RawConfig) -> Result<Parsed, ConfigError> {
             "limits.max_body_bytes_per_worker",
             raw.limits.max_body_bytes_per_worker,
         )?,
+        retry_budget_percent: raw.limits.retry_budget_percent,
+        min_retry_concurrency: raw.limits.min_retry_concurrency as usize,
     };
+    if limits.retry_budget_percent > 100 {
+        return Err(error(
+            "limits.retry_budget_percent",
+            format!(
+                "{} is out of range; use 0 to 100",
+                limits.retry_budget_percent
+            ),
+        ));
+    }
     for rule in &rules {
         for target in rule
             .targets
@@ -683,6 +783,23 @@ fn compile_target(
         )
     })?;
 
+    let retry = match raw.retry {
+        None => None,
+        Some(r) => Some(compile_retry(&format!("{path}.retry"), r)?),
+    };
+    let idempotency_header = match raw.idempotency_header {
+        None => None,
+        Some(name) => {
+            let name = name.to_ascii_lowercase();
+            check_editable_header(&format!("{path}.idempotency_header"), &name, marker_header)?;
+            Some(name)
+        }
+    };
+    let dead_letter = match raw.dead_letter {
+        None => None,
+        Some(d) => Some(compile_dead_letter(&format!("{path}.dead_letter"), d)?),
+    };
+
     Ok(Target {
         name: raw.name,
         cluster: raw.cluster,
@@ -697,6 +814,91 @@ fn compile_target(
         max_body_bytes,
         awaited,
         strip_credentials: raw.strip_credentials,
+        retry,
+        idempotency_header,
+        dead_letter,
+    })
+}
+
+fn compile_retry(path: &str, raw: RawRetry) -> Result<RetryPolicy, ConfigError> {
+    if raw.attempts < 2 || raw.attempts > MAX_ATTEMPTS {
+        return Err(error(
+            format!("{path}.attempts"),
+            format!(
+                "{} is out of range; use 2 to {MAX_ATTEMPTS} (the first attempt included), or remove `retry`",
+                raw.attempts
+            ),
+        ));
+    }
+    let RawBackoff { base, max } = raw.backoff_ms;
+    if base == 0 || base > MAX_TIMEOUT_MS {
+        return Err(error(
+            format!("{path}.backoff_ms.base"),
+            format!("{base} is out of range; use 1 to {MAX_TIMEOUT_MS}"),
+        ));
+    }
+    if max < base || max > MAX_TIMEOUT_MS {
+        return Err(error(
+            format!("{path}.backoff_ms.max"),
+            format!("{max} is out of range; use {base} (the base) to {MAX_TIMEOUT_MS}"),
+        ));
+    }
+    if raw.on.is_empty() {
+        return Err(error(
+            format!("{path}.on"),
+            "empty; list the outcomes to retry, such as \"5xx\"",
+        ));
+    }
+    let mut on = Vec::with_capacity(raw.on.len());
+    for (i, name) in raw.on.iter().enumerate() {
+        let outcome = Outcome::ALL
+            .into_iter()
+            .find(|o| *o != Outcome::Success && o.as_str() == name)
+            .ok_or_else(|| {
+                error(
+                    format!("{path}.on[{i}]"),
+                    format!("unknown outcome {name:?}; use 4xx, 5xx, timeout, reset, overflow or dispatch_error"),
+                )
+            })?;
+        on.push(outcome);
+    }
+    Ok(RetryPolicy {
+        attempts: raw.attempts,
+        base_ms: base,
+        max_ms: max,
+        on,
+    })
+}
+
+fn compile_dead_letter(path: &str, raw: RawDeadLetter) -> Result<DeadLetter, ConfigError> {
+    if raw.cluster.is_empty()
+        || raw
+            .cluster
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(error(
+            format!("{path}.cluster"),
+            format!(
+                "invalid cluster name {:?}; name an Envoy cluster",
+                raw.cluster
+            ),
+        ));
+    }
+    check_path_value(&format!("{path}.path"), &raw.path)?;
+    if raw.timeout_ms == 0 || raw.timeout_ms > MAX_TIMEOUT_MS {
+        return Err(error(
+            format!("{path}.timeout_ms"),
+            format!(
+                "{} is out of range; use 1 to {MAX_TIMEOUT_MS}",
+                raw.timeout_ms
+            ),
+        ));
+    }
+    Ok(DeadLetter {
+        cluster: raw.cluster,
+        path: raw.path,
+        timeout_ms: raw.timeout_ms,
     })
 }
 
@@ -1050,7 +1252,9 @@ mod tests {
             parsed.config.limits,
             Limits {
                 max_in_flight: 1000,
-                max_body_bytes: 32 * 1024 * 1024
+                max_body_bytes: 32 * 1024 * 1024,
+                retry_budget_percent: 20,
+                min_retry_concurrency: 3
             }
         );
         assert!(!parsed.config.strip_incoming_marker);
@@ -1063,7 +1267,9 @@ mod tests {
             parsed.config.limits,
             Limits {
                 max_in_flight: 5,
-                max_body_bytes: 100
+                max_body_bytes: 100,
+                retry_budget_percent: 20,
+                min_retry_concurrency: 3
             }
         );
         assert!(parsed.config.strip_incoming_marker);
@@ -1090,6 +1296,120 @@ mod tests {
         let targets = &parsed.config.rules[0].targets;
         assert!(targets[0].strip_credentials);
         assert!(!targets[1].strip_credentials);
+    }
+
+    #[test]
+    fn retry_and_dead_letter_parse() {
+        let parsed = parse(
+            one_target(
+                r#"{"name": "t", "cluster": "c",
+                "retry": {"attempts": 3, "backoff_ms": {"base": 50, "max": 1000}, "on": ["5xx", "reset"]},
+                "idempotency_header": "Idempotency-Key",
+                "dead_letter": {"cluster": "dlq", "path": "/dead-letters"}}"#,
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let target = &parsed.config.rules[0].targets[0];
+        assert_eq!(
+            target.retry,
+            Some(RetryPolicy {
+                attempts: 3,
+                base_ms: 50,
+                max_ms: 1000,
+                on: vec![Outcome::Status5xx, Outcome::Reset]
+            })
+        );
+        assert_eq!(
+            target.idempotency_header.as_deref(),
+            Some("idempotency-key")
+        );
+        assert_eq!(
+            target.dead_letter,
+            Some(DeadLetter {
+                cluster: "dlq".into(),
+                path: "/dead-letters".into(),
+                timeout_ms: DEFAULT_TIMEOUT_MS
+            })
+        );
+        assert_eq!(parsed.config.limits.retry_budget_percent, 20);
+        assert_eq!(parsed.config.limits.min_retry_concurrency, 3);
+
+        let defaults = parse(
+            one_target(r#"{"name": "t", "cluster": "c", "retry": {"attempts": 2}}"#).as_bytes(),
+        )
+        .unwrap();
+        let retry = defaults.config.rules[0].targets[0].retry.clone().unwrap();
+        assert_eq!((retry.base_ms, retry.max_ms), (50, 1000));
+        assert_eq!(
+            retry.on,
+            vec![
+                Outcome::Status5xx,
+                Outcome::Reset,
+                Outcome::Timeout,
+                Outcome::Overflow
+            ]
+        );
+    }
+
+    #[test]
+    fn retry_and_dead_letter_checked() {
+        let cases = [
+            (
+                r#""retry": {"attempts": 1}"#,
+                "rules[0].targets[0].retry.attempts: 1 is out of range; use 2 to 10",
+            ),
+            (
+                r#""retry": {"attempts": 11}"#,
+                "rules[0].targets[0].retry.attempts: 11 is out of range",
+            ),
+            (
+                r#""retry": {"attempts": 3, "backoff_ms": {"base": 0}}"#,
+                "rules[0].targets[0].retry.backoff_ms.base: 0 is out of range",
+            ),
+            (
+                r#""retry": {"attempts": 3, "backoff_ms": {"base": 100, "max": 50}}"#,
+                "rules[0].targets[0].retry.backoff_ms.max: 50 is out of range; use 100 (the base)",
+            ),
+            (
+                r#""retry": {"attempts": 3, "on": []}"#,
+                "rules[0].targets[0].retry.on: empty",
+            ),
+            (
+                r#""retry": {"attempts": 3, "on": ["success"]}"#,
+                "rules[0].targets[0].retry.on[0]: unknown outcome \"success\"",
+            ),
+            (
+                r#""retry": {"attempts": 3, "on": ["5XX"]}"#,
+                "rules[0].targets[0].retry.on[0]: unknown outcome \"5XX\"",
+            ),
+            (
+                r#""idempotency_header": ":path""#,
+                "rules[0].targets[0].idempotency_header: \":path\" is a pseudo-header",
+            ),
+            (
+                r#""dead_letter": {"cluster": ""}"#,
+                "rules[0].targets[0].dead_letter.cluster: invalid cluster name",
+            ),
+            (
+                r#""dead_letter": {"cluster": "dlq", "path": "dead"}"#,
+                "rules[0].targets[0].dead_letter.path: invalid path",
+            ),
+            (
+                r#""dead_letter": {"path": "/x"}"#,
+                "rules[0].targets[0].dead_letter.cluster: missing",
+            ),
+        ];
+        for (fields, expected) in cases {
+            let message = parse_err(&one_target(&format!(
+                r#"{{"name": "t", "cluster": "c", {fields}}}"#
+            )));
+            assert!(message.starts_with(expected), "{fields}: {message}");
+        }
+        assert!(
+            parse_err(r#"{"limits": {"retry_budget_percent": 101}, "rules": []}"#)
+                .starts_with("limits.retry_budget_percent: 101 is out of range")
+        );
     }
 
     #[test]

@@ -6,5 +6,6 @@ pub mod headers;
 pub mod log_limit;
 pub mod matcher;
 pub mod outcome;
+pub mod retry;
 pub mod sampling;
 pub mod side_request;

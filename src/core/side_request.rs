@@ -1,7 +1,9 @@
 //! Building the side call's headers from the original request.
 
-use super::config::Target;
+use super::config::{DeadLetter, Target};
 use super::headers::{self, HeaderList};
+use super::outcome::Outcome;
+use super::retry;
 
 /// Builds the side call's header list: the original headers in order,
 /// without hop-by-hop headers (and without credentials unless the target
@@ -43,6 +45,13 @@ pub fn build_headers(
     for (name, value) in &target.set_headers {
         out.push((name.clone(), value.as_bytes().to_vec()));
     }
+    if let Some(name) = &target.idempotency_header {
+        // Without a request id there is nothing stable to derive it from.
+        if let Some(request_id) = headers::first(request, "x-request-id") {
+            let key = retry::idempotency_key(request_id, rule_of(marker_value), &target.name);
+            out.push((name.clone(), key.into_bytes()));
+        }
+    }
     out.push((marker_header.to_string(), marker_value.as_bytes().to_vec()));
     if let Some(len) = body_len {
         out.push(("content-length".to_string(), len.to_string().into_bytes()));
@@ -58,6 +67,77 @@ pub fn is_copyable(request: &[(String, Vec<u8>)]) -> bool {
     let upgrade = headers::first(request, "upgrade").is_some()
         || headers::first(request, ":protocol").is_some();
     !connect && !upgrade
+}
+
+/// The rule name from a `<rule>/<target>` marker value.
+fn rule_of(marker_value: &str) -> &str {
+    marker_value.split('/').next().unwrap_or(marker_value)
+}
+
+/// How a side call finally failed, for its dead letter.
+#[derive(Debug, Clone, Copy)]
+pub struct Failure {
+    pub outcome: Outcome,
+    pub status: Option<u16>,
+    pub attempts: u32,
+}
+
+/// Builds the dead letter for a side call that finally failed: a POST to
+/// the dead-letter path with the side call's headers, the side call's
+/// method, path and authority moved to `x-mesh-fanout-original-*` headers,
+/// the failure in `x-mesh-fanout-failure-*` headers, and the same body.
+pub fn build_dead_letter_headers(
+    side_headers: &[(String, Vec<u8>)],
+    dead_letter: &DeadLetter,
+    rule: &str,
+    target: &str,
+    failure: Failure,
+    body_len: Option<usize>,
+) -> HeaderList {
+    let mut out: HeaderList = Vec::with_capacity(side_headers.len() + 10);
+    out.push((":method".into(), b"POST".to_vec()));
+    out.push((":path".into(), dead_letter.path.as_bytes().to_vec()));
+    let original = |name: &str| headers::first(side_headers, name).map(<[u8]>::to_vec);
+    if let Some(authority) = original(":authority") {
+        out.push((":authority".into(), authority));
+    }
+    if let Some(scheme) = original(":scheme") {
+        out.push((":scheme".into(), scheme));
+    }
+    for (name, value) in side_headers {
+        if !name.starts_with(':') && name != "content-length" {
+            out.push((name.clone(), value.clone()));
+        }
+    }
+    for (pseudo, header) in [
+        (":method", "x-mesh-fanout-original-method"),
+        (":path", "x-mesh-fanout-original-path"),
+        (":authority", "x-mesh-fanout-original-authority"),
+    ] {
+        if let Some(value) = original(pseudo) {
+            out.push((header.into(), value));
+        }
+    }
+    out.push(("x-mesh-fanout-rule".into(), rule.as_bytes().to_vec()));
+    out.push(("x-mesh-fanout-target".into(), target.as_bytes().to_vec()));
+    out.push((
+        "x-mesh-fanout-failure-outcome".into(),
+        failure.outcome.as_str().as_bytes().to_vec(),
+    ));
+    if let Some(status) = failure.status {
+        out.push((
+            "x-mesh-fanout-failure-status".into(),
+            status.to_string().into_bytes(),
+        ));
+    }
+    out.push((
+        "x-mesh-fanout-attempts".into(),
+        failure.attempts.to_string().into_bytes(),
+    ));
+    if let Some(len) = body_len {
+        out.push(("content-length".into(), len.to_string().into_bytes()));
+    }
+    out
 }
 
 /// Header names listed in `Connection`, which RFC 9110 makes hop-by-hop.
@@ -239,6 +319,77 @@ mod tests {
             Some(b"Bearer secret".as_slice())
         );
         assert_eq!(headers::first(&kept, "cookie"), Some(b"a=1".as_slice()));
+    }
+
+    #[test]
+    fn idempotency_key_added_and_stable() {
+        let t = target(r#"{"name": "t", "cluster": "c", "idempotency_header": "idempotency-key"}"#);
+        let first = build_headers(&request(), &t, "x-mesh-fanout", "signup/t", None);
+        let again = build_headers(&request(), &t, "x-mesh-fanout", "signup/t", None);
+        let key = headers::first(&first, "idempotency-key").unwrap();
+        assert_eq!(
+            key,
+            retry::idempotency_key(b"abc-123", "signup", "t").as_bytes()
+        );
+        assert_eq!(headers::first(&again, "idempotency-key"), Some(key));
+
+        let mut no_id = request();
+        no_id.retain(|(n, _)| n != "x-request-id");
+        let built = build_headers(&no_id, &t, "x-mesh-fanout", "signup/t", None);
+        assert_eq!(headers::first(&built, "idempotency-key"), None);
+    }
+
+    #[test]
+    fn dead_letter_carries_original_and_failure() {
+        let t = target(r#"{"name": "t", "cluster": "c", "path": "/ingest"}"#);
+        let side = build_headers(&request(), &t, "x-mesh-fanout", "signup/t", Some(11));
+        let dead_letter = DeadLetter {
+            cluster: "dlq".into(),
+            path: "/dead-letters".into(),
+            timeout_ms: 1000,
+        };
+        let failure = Failure {
+            outcome: Outcome::Status5xx,
+            status: Some(503),
+            attempts: 3,
+        };
+        let built =
+            build_dead_letter_headers(&side, &dead_letter, "signup", "t", failure, Some(11));
+        let get = |name: &str| headers::first(&built, name);
+        assert_eq!(get(":method"), Some(b"POST".as_slice()));
+        assert_eq!(get(":path"), Some(b"/dead-letters".as_slice()));
+        assert_eq!(get(":authority"), Some(b"users.example".as_slice()));
+        assert_eq!(
+            get("x-mesh-fanout-original-method"),
+            Some(b"POST".as_slice())
+        );
+        assert_eq!(
+            get("x-mesh-fanout-original-path"),
+            Some(b"/ingest".as_slice())
+        );
+        assert_eq!(
+            get("x-mesh-fanout-original-authority"),
+            Some(b"users.example".as_slice())
+        );
+        assert_eq!(
+            get("x-mesh-fanout-failure-outcome"),
+            Some(b"5xx".as_slice())
+        );
+        assert_eq!(get("x-mesh-fanout-failure-status"), Some(b"503".as_slice()));
+        assert_eq!(get("x-mesh-fanout-attempts"), Some(b"3".as_slice()));
+        assert_eq!(get("x-mesh-fanout-rule"), Some(b"signup".as_slice()));
+        assert_eq!(get("x-mesh-fanout-target"), Some(b"t".as_slice()));
+        assert_eq!(
+            get("x-mesh-fanout"),
+            Some(b"signup/t".as_slice()),
+            "the marker stays, so the dead letter is not copied again"
+        );
+        assert_eq!(get("content-type"), Some(b"application/json".as_slice()));
+        assert_eq!(
+            headers::values(&built, "content-length").collect::<Vec<_>>(),
+            vec![b"11".as_slice()]
+        );
+        assert_eq!(headers::values(&built, ":method").count(), 1);
     }
 
     #[test]

@@ -13,12 +13,26 @@ use proxy_wasm::types::{MetricType, Status};
 use crate::core::config::{Config, Mode};
 use crate::core::outcome::{Outcome, Skip};
 
+type PerOutcome = [u32; Outcome::ALL.len()];
+
 pub struct TargetMetrics {
-    outcomes: [u32; Outcome::ALL.len()],
+    /// Final outcomes, one per side call.
+    outcomes: PerOutcome,
     skips: [u32; Skip::ALL.len()],
     dispatched: u32,
     in_flight: u32,
     latency_ms: u32,
+    /// Defined for targets with the filter's own retries.
+    retry: Option<RetryMetrics>,
+    /// Outcomes of dead-letter calls, for targets that have one.
+    dead_letters: Option<PerOutcome>,
+}
+
+struct RetryMetrics {
+    /// Every attempt's outcome, retries included.
+    attempts: PerOutcome,
+    retries: u32,
+    budget_exhausted: u32,
 }
 
 pub struct RuleMetrics {
@@ -63,9 +77,26 @@ impl Metrics {
                         format!("{prefix}.reason.{}.skipped", skip.as_str()),
                     )?;
                 }
+                let retry = match &target.retry {
+                    None => None,
+                    Some(_) => Some(RetryMetrics {
+                        attempts: define_per_outcome(&prefix, "attempts")?,
+                        retries: define(MetricType::Counter, format!("{prefix}.retries"))?,
+                        budget_exhausted: define(
+                            MetricType::Counter,
+                            format!("{prefix}.retry_budget_exhausted"),
+                        )?,
+                    }),
+                };
+                let dead_letters = match &target.dead_letter {
+                    None => None,
+                    Some(_) => Some(define_per_outcome(&prefix, "dead_letters")?),
+                };
                 targets.push(TargetMetrics {
                     outcomes,
                     skips,
+                    retry,
+                    dead_letters,
                     dispatched: define(MetricType::Counter, format!("{prefix}.dispatched"))?,
                     in_flight: define(MetricType::Gauge, format!("{prefix}.in_flight"))?,
                     latency_ms: define(MetricType::Histogram, format!("{prefix}.side_call_ms"))?,
@@ -121,9 +152,19 @@ impl Metrics {
         }
     }
 
-    /// Records the one outcome of a side call. `was_in_flight` is false for
-    /// calls that Envoy refused to start, which never raised the gauge.
-    pub fn outcome(
+    /// Records a retry attempt that was dispatched.
+    pub fn retried(&self, rule: usize, target: usize) {
+        if let Some(t) = self.target(rule, target) {
+            if let Some(r) = &t.retry {
+                increment(r.retries, 1);
+            }
+            increment(t.in_flight, 1);
+        }
+    }
+
+    /// Records the end of one attempt. `was_in_flight` is false for calls
+    /// that Envoy refused to start, which never raised the gauge.
+    pub fn attempt_ended(
         &self,
         rule: usize,
         target: usize,
@@ -134,7 +175,11 @@ impl Metrics {
         let Some(t) = self.target(rule, target) else {
             return;
         };
-        if let Some(&id) = t.outcomes.get(outcome.index()) {
+        if let Some(&id) = t
+            .retry
+            .as_ref()
+            .and_then(|r| r.attempts.get(outcome.index()))
+        {
             increment(id, 1);
         }
         if was_in_flight {
@@ -142,6 +187,32 @@ impl Metrics {
         }
         if let Some(ms) = latency_ms {
             record(t.latency_ms, ms);
+        }
+    }
+
+    /// Records the one final outcome of a side call.
+    pub fn outcome(&self, rule: usize, target: usize, outcome: Outcome) {
+        if let Some(&id) = self
+            .target(rule, target)
+            .and_then(|t| t.outcomes.get(outcome.index()))
+        {
+            increment(id, 1);
+        }
+    }
+
+    /// Counts a retry that the worker's retry budget did not allow.
+    pub fn retry_budget_exhausted(&self, rule: usize, target: usize) {
+        if let Some(r) = self.target(rule, target).and_then(|t| t.retry.as_ref()) {
+            increment(r.budget_exhausted, 1);
+        }
+    }
+
+    pub fn dead_letter(&self, rule: usize, target: usize, outcome: Outcome) {
+        let ids = self
+            .target(rule, target)
+            .and_then(|t| t.dead_letters.as_ref());
+        if let Some(&id) = ids.and_then(|ids| ids.get(outcome.index())) {
+            increment(id, 1);
         }
     }
 
@@ -178,6 +249,17 @@ impl Metrics {
     fn target(&self, rule: usize, target: usize) -> Option<&TargetMetrics> {
         self.rules.get(rule)?.targets.get(target)
     }
+}
+
+fn define_per_outcome(prefix: &str, suffix: &str) -> Result<PerOutcome, (String, Status)> {
+    let mut ids = [0; Outcome::ALL.len()];
+    for (id, outcome) in ids.iter_mut().zip(Outcome::ALL) {
+        *id = define(
+            MetricType::Counter,
+            format!("{prefix}.outcome.{}.{suffix}", outcome.as_str()),
+        )?;
+    }
+    Ok(ids)
 }
 
 fn define(metric_type: MetricType, name: String) -> Result<u32, (String, Status)> {

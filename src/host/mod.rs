@@ -18,6 +18,7 @@ mod body;
 mod dispatch;
 mod fanout;
 mod metrics;
+mod response;
 mod root;
 mod stream;
 mod time;

@@ -1,38 +1,59 @@
 //! The root context: one per worker VM. It owns the configuration, and it
 //! dispatches every side call so that their responses reach it however
-//! long after the request they arrive.
+//! long after the request they arrive. It also runs the filter's own
+//! retries and dead letters, which outlive any request.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, MapType};
+use proxy_wasm::types::{BufferType, ContextType};
 
-use crate::core::config;
+use crate::core::config::{self, Target};
 use crate::core::fanout::TargetResult;
-use crate::core::outcome::{self, Outcome, ResponseSummary};
+use crate::core::outcome::Outcome;
+use crate::core::retry;
+use crate::core::side_request::{self, Failure};
 
 use super::abi;
 use super::body::HeldBody;
 use super::dispatch;
 use super::fanout;
 use super::metrics::Metrics;
+use super::response;
 use super::stream::Stream;
 use super::time;
-use super::worker::{Active, SideCall, Waiter, Worker};
+use super::worker::{Active, CallKind, SideCall, Worker};
 
-/// A dispatched call waiting for its response.
+/// How often the root checks for retries whose backoff has passed. Backoff
+/// delays are at least a few milliseconds, so 5 ms keeps them close to
+/// schedule without waking the worker needlessly.
+const RETRY_TICK: Duration = Duration::from_millis(5);
+
+/// A dispatched call waiting for its response. The call keeps its headers
+/// and body only when a retry or dead letter may need them.
 struct InFlight {
-    active: Rc<Active>,
-    rule: usize,
-    target: usize,
-    request_id: Rc<str>,
+    call: SideCall,
     started_ns: Option<u64>,
-    waiter: Option<Rc<RefCell<Waiter>>>,
+}
+
+/// A retry waiting for its backoff to pass.
+struct ScheduledRetry {
+    due_ns: u64,
+    call: SideCall,
+}
+
+/// How one attempt ended.
+struct AttemptEnd {
+    outcome: Outcome,
+    status: Option<u16>,
+    latency_ms: Option<u64>,
+    /// False for calls Envoy refused to start.
+    was_in_flight: bool,
+    detail: String,
 }
 
 pub struct Root {
@@ -40,9 +61,18 @@ pub struct Root {
     worker: Rc<Worker>,
     active: Option<Rc<Active>>,
     in_flight: HashMap<u32, InFlight>,
+    retries: Vec<ScheduledRetry>,
     /// Envoy is retiring this plugin (a config push or shutdown) and waits
-    /// for `proxy_done` until the last in-flight call has its outcome.
+    /// for `proxy_done` until the last call has its outcome.
     draining: bool,
+}
+
+fn target_of(call: &SideCall) -> Option<&Target> {
+    call.active
+        .config
+        .rules
+        .get(call.rule)
+        .and_then(|rule| rule.targets.get(call.target))
 }
 
 impl Root {
@@ -53,18 +83,16 @@ impl Root {
             worker: Rc::new(Worker::new(seed)),
             active: None,
             in_flight: HashMap::new(),
+            retries: Vec::new(),
             draining: false,
         }
     }
 
-    fn dispatch_queued(&mut self) {
-        let queued = self.worker.take_queued();
-        if queued.is_empty() {
-            self.worker.disarm_tick();
-            return;
-        }
+    /// Dispatches queued calls and retries that are due, then sets the
+    /// timer for the retries still waiting.
+    fn run(&mut self) {
         let now = time::now_ns();
-        for call in queued {
+        for call in self.worker.take_queued() {
             if let (Some(now), Some(enqueued)) = (now, call.enqueued_ns) {
                 call.active
                     .metrics
@@ -72,114 +100,256 @@ impl Root {
             }
             self.dispatch(call, now);
         }
+
+        let now_ns = now.unwrap_or(u64::MAX);
+        let (due, waiting): (Vec<ScheduledRetry>, Vec<ScheduledRetry>) =
+            std::mem::take(&mut self.retries)
+                .into_iter()
+                .partition(|r| r.due_ns <= now_ns);
+        self.retries = waiting;
+        for retry in due {
+            self.dispatch(retry.call, now);
+        }
+
+        if self.retries.is_empty() {
+            self.worker.disarm_tick();
+        } else {
+            self.worker.arm_tick(RETRY_TICK);
+        }
+        self.finish_draining();
     }
 
-    fn dispatch(&mut self, call: SideCall, now: Option<u64>) {
-        let Some(target) = call
-            .active
-            .config
-            .rules
-            .get(call.rule)
-            .and_then(|rule| rule.targets.get(call.target))
-        else {
+    fn dispatch(&mut self, mut call: SideCall, now: Option<u64>) {
+        let Some(target) = target_of(&call) else {
             self.worker.call_finished();
             return;
         };
-        let timeout = Duration::from_millis(target.timeout_ms);
+        let (cluster, timeout_ms) = match (call.kind, &target.dead_letter) {
+            (CallKind::DeadLetter, Some(dead_letter)) => {
+                (dead_letter.cluster.as_str(), dead_letter.timeout_ms)
+            }
+            _ => (target.cluster.as_str(), target.timeout_ms),
+        };
+        let body = call.body.as_deref().map(HeldBody::as_slice);
         match dispatch::http_call(
-            &target.cluster,
+            cluster,
             &call.headers,
-            call.body.as_deref().map(HeldBody::as_slice),
-            timeout,
+            body,
+            Duration::from_millis(timeout_ms),
         ) {
             Ok(token) => {
-                call.active.metrics.dispatched(call.rule, call.target);
+                match (call.kind, call.attempt) {
+                    (CallKind::Side, 1) => call.active.metrics.dispatched(call.rule, call.target),
+                    (CallKind::Side, _) => call.active.metrics.retried(call.rule, call.target),
+                    (CallKind::DeadLetter, _) => {}
+                }
+                let keep_request = call.kind == CallKind::Side
+                    && (target.retry.is_some() || target.dead_letter.is_some());
+                if !keep_request {
+                    // Free the copy now; nothing will send it again.
+                    call.headers = Vec::new();
+                    call.body = None;
+                }
                 self.in_flight.insert(
                     token,
                     InFlight {
-                        active: call.active,
-                        rule: call.rule,
-                        target: call.target,
-                        request_id: call.request_id,
+                        call,
                         started_ns: now,
-                        waiter: call.waiter,
                     },
                 );
             }
             Err(status) => {
-                self.worker.call_finished();
-                let outcome = dispatch::refusal_outcome(status);
-                call.active
-                    .metrics
-                    .outcome(call.rule, call.target, outcome, None, false);
-                self.log_failure(
-                    &call.active,
-                    call.rule,
-                    call.target,
-                    outcome,
-                    &dispatch::refusal_hint(status, &target.cluster),
-                    &call.request_id,
-                );
-                // Counted first, so the stats agree by the time the client
-                // sees the released response.
-                if let Some(waiter) = &call.waiter {
-                    let result = TargetResult::Done {
-                        outcome,
-                        status: None,
-                    };
-                    fanout::record(
-                        waiter,
-                        &call.active,
-                        call.rule,
-                        call.target,
-                        result,
-                        self.context_id,
-                    );
-                }
+                let end = AttemptEnd {
+                    outcome: dispatch::refusal_outcome(status),
+                    status: None,
+                    latency_ms: None,
+                    was_in_flight: false,
+                    detail: dispatch::refusal_hint(status, cluster),
+                };
+                self.attempt_ended(call, end, now);
             }
         }
     }
 
-    fn log_failure(
-        &self,
-        active: &Active,
-        rule: usize,
-        target: usize,
-        outcome: Outcome,
-        detail: &str,
-        request_id: &str,
-    ) {
+    /// Settles one attempt: retries it, or records the final outcome and
+    /// posts a dead letter for a final failure.
+    fn attempt_ended(&mut self, mut call: SideCall, end: AttemptEnd, now: Option<u64>) {
+        if call.kind == CallKind::DeadLetter {
+            self.dead_letter_ended(&call, &end);
+            return;
+        }
+        let metrics = &call.active.metrics;
+        metrics.attempt_ended(
+            call.rule,
+            call.target,
+            end.outcome,
+            end.latency_ms,
+            end.was_in_flight,
+        );
+        if call.attempt > 1 {
+            self.worker.retry_finished();
+        }
+
+        let limits = call.active.config.limits;
+        let retry_delay_ms = target_of(&call)
+            .and_then(|t| t.retry.as_ref())
+            .filter(|policy| policy.should_retry(end.outcome, call.attempt))
+            .map(|policy| policy.backoff_ms(call.attempt, self.worker.random()));
+        if let Some(delay_ms) = retry_delay_ms {
+            let allowed = retry::budget_allows(
+                self.worker.retries_in_flight(),
+                self.worker.in_flight(),
+                limits.retry_budget_percent,
+                limits.min_retry_concurrency,
+            );
+            if allowed {
+                debug!(
+                    "[{}] retrying after {} ({}) in {delay_ms} ms, attempt {} request_id={}",
+                    self.context_id,
+                    end.outcome.as_str(),
+                    end.detail,
+                    call.attempt + 1,
+                    call.request_id
+                );
+                call.attempt += 1;
+                self.worker.retry_started();
+                let due_ns = now
+                    .unwrap_or(0)
+                    .saturating_add(delay_ms.saturating_mul(1_000_000));
+                self.retries.push(ScheduledRetry { due_ns, call });
+                self.worker.arm_tick(RETRY_TICK);
+                return;
+            }
+            call.active
+                .metrics
+                .retry_budget_exhausted(call.rule, call.target);
+        }
+
+        self.worker.call_finished();
+        call.active
+            .metrics
+            .outcome(call.rule, call.target, end.outcome);
+        if !end.outcome.is_success() {
+            self.log_failure(&call, end.outcome, &end.detail, "side call failed");
+        }
+        // Counted first, so the stats agree by the time the client sees
+        // a released fan-out response.
+        if let Some(waiter) = &call.waiter {
+            let result = TargetResult::Done {
+                outcome: end.outcome,
+                status: end.status,
+            };
+            fanout::record(
+                waiter,
+                &call.active,
+                call.rule,
+                call.target,
+                result,
+                self.context_id,
+            );
+        }
+        if !end.outcome.is_success() {
+            self.send_dead_letter(call, &end, now);
+        }
+    }
+
+    /// Posts a finally failed side call to its target's dead-letter
+    /// cluster, once; a failed dead letter is counted and logged, never
+    /// retried.
+    fn send_dead_letter(&mut self, call: SideCall, end: &AttemptEnd, now: Option<u64>) {
+        let Some(target) = target_of(&call) else {
+            return;
+        };
+        let Some(dead_letter) = &target.dead_letter else {
+            return;
+        };
+        let Some(rule) = call.active.config.rules.get(call.rule) else {
+            return;
+        };
+        let failure = Failure {
+            outcome: end.outcome,
+            status: end.status,
+            attempts: call.attempt,
+        };
+        let headers = side_request::build_dead_letter_headers(
+            &call.headers,
+            dead_letter,
+            &rule.name,
+            &target.name,
+            failure,
+            call.body.as_ref().map(|b| b.len()),
+        );
+        self.worker.call_started();
+        let letter = SideCall {
+            headers,
+            kind: CallKind::DeadLetter,
+            waiter: None,
+            ..call
+        };
+        self.dispatch(letter, now);
+    }
+
+    fn dead_letter_ended(&mut self, call: &SideCall, end: &AttemptEnd) {
+        self.worker.call_finished();
+        call.active
+            .metrics
+            .dead_letter(call.rule, call.target, end.outcome);
+        if !end.outcome.is_success() {
+            self.log_failure(call, end.outcome, &end.detail, "dead letter failed");
+        }
+    }
+
+    fn log_failure(&self, call: &SideCall, outcome: Outcome, detail: &str, what: &str) {
         let Some(suppressed) = self.worker.allow_log() else {
             return;
         };
-        let rule_name = active
+        let rule_name = call
+            .active
             .config
             .rules
-            .get(rule)
+            .get(call.rule)
             .map_or("?", |r| r.name.as_str());
-        let target_name = active
-            .config
-            .rules
-            .get(rule)
-            .and_then(|r| r.targets.get(target))
-            .map_or("?", |t| t.name.as_str());
+        let target_name = target_of(call).map_or("?", |t| t.name.as_str());
         let dropped = if suppressed > 0 {
             format!(" ({suppressed} earlier failure lines suppressed)")
         } else {
             String::new()
         };
         warn!(
-            "[{}] side call failed: rule={rule_name} target={target_name} outcome={} {detail} request_id={request_id}{dropped}",
+            "[{}] {what}: rule={rule_name} target={target_name} outcome={} {detail} attempts={} request_id={}{dropped}",
             self.context_id,
-            outcome.as_str()
+            outcome.as_str(),
+            call.attempt,
+            call.request_id
         );
+    }
+
+    /// Reports the plugin done once a retiring root has nothing left.
+    fn finish_draining(&mut self) {
+        if self.draining && self.in_flight.is_empty() && self.retries.is_empty() {
+            self.draining = false;
+            info!(
+                "[{}] last side call finished; plugin retired",
+                self.context_id
+            );
+            if let Err(e) = abi::done() {
+                warn!(
+                    "[{}] reporting the plugin done failed: {e:?}",
+                    self.context_id
+                );
+            }
+        }
     }
 }
 
 impl Context for Root {
     fn on_done(&mut self) -> bool {
-        self.dispatch_queued();
-        if self.in_flight.is_empty() {
+        // Retries still waiting go out now rather than being dropped.
+        for retry in &mut self.retries {
+            retry.due_ns = 0;
+        }
+        self.run();
+        if self.in_flight.is_empty() && self.retries.is_empty() {
             return true;
         }
         info!(
@@ -198,7 +368,7 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let Some(call) = self.in_flight.remove(&token_id) else {
+        let Some(InFlight { call, started_ns }) = self.in_flight.remove(&token_id) else {
             // Not ours, so not counted in the worker's in-flight total.
             warn!(
                 "[{}] response for unknown side call token {token_id}",
@@ -206,112 +376,27 @@ impl Context for Root {
             );
             return;
         };
-        self.worker.call_finished();
-        let latency_ms = match (time::now_ns(), call.started_ns) {
+        let now = time::now_ns();
+        let latency_ms = match (now, started_ns) {
             (Some(now), Some(started)) => Some(now.saturating_sub(started) / 1_000_000),
             _ => None,
         };
-
-        let summary_parts = if num_headers == 0 {
-            None
-        } else {
-            Some(read_response(body_size))
+        let (outcome, status) = response::classify_current(num_headers, body_size);
+        let end = AttemptEnd {
+            outcome,
+            status,
+            latency_ms,
+            was_in_flight: true,
+            detail: format!(
+                "status={}",
+                status.map_or("-".to_string(), |s| s.to_string())
+            ),
         };
-        let status = summary_parts.as_ref().and_then(|p| p.status);
-        let outcome = match &summary_parts {
-            None => outcome::classify(None),
-            Some(parts) => outcome::classify(Some(&ResponseSummary {
-                status: parts.status,
-                overloaded: parts.overloaded,
-                from_upstream: parts.from_upstream,
-                body_prefix: &parts.body_prefix,
-            })),
-        };
-
-        call.active
-            .metrics
-            .outcome(call.rule, call.target, outcome, latency_ms, true);
-        if !outcome.is_success() {
-            let status_text = status.map_or("-".to_string(), |s| s.to_string());
-            self.log_failure(
-                &call.active,
-                call.rule,
-                call.target,
-                outcome,
-                &format!("status={status_text}"),
-                &call.request_id,
-            );
-        }
-
-        if let Some(waiter) = &call.waiter {
-            let result = TargetResult::Done { outcome, status };
-            fanout::record(
-                waiter,
-                &call.active,
-                call.rule,
-                call.target,
-                result,
-                self.context_id,
-            );
-        }
+        self.attempt_ended(call, end, now);
 
         // This callback runs as the root, so queued calls can go out now
         // instead of waiting for the next wake-up.
-        self.dispatch_queued();
-
-        if self.draining && self.in_flight.is_empty() {
-            info!(
-                "[{}] last side call finished; plugin retired",
-                self.context_id
-            );
-            if let Err(e) = abi::done() {
-                warn!(
-                    "[{}] reporting the plugin done failed: {e:?}",
-                    self.context_id
-                );
-            }
-        }
-    }
-}
-
-/// The parts of a side call response that classification reads.
-struct ResponseParts {
-    status: Option<u16>,
-    overloaded: bool,
-    from_upstream: bool,
-    body_prefix: Vec<u8>,
-}
-
-/// Reads the status, two headers and at most [`outcome::BODY_PREFIX_BYTES`]
-/// of the body, however large the response is.
-fn read_response(body_size: usize) -> ResponseParts {
-    let header = |name: &str| {
-        hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, name)
-            .ok()
-            .flatten()
-    };
-    let status = header(":status").and_then(|v| {
-        std::str::from_utf8(&v)
-            .ok()
-            .and_then(|s| s.parse::<u16>().ok())
-    });
-    let body_prefix = if body_size == 0 {
-        Vec::new()
-    } else {
-        hostcalls::get_buffer(
-            BufferType::HttpCallResponseBody,
-            0,
-            body_size.min(outcome::BODY_PREFIX_BYTES),
-        )
-        .ok()
-        .flatten()
-        .unwrap_or_default()
-    };
-    ResponseParts {
-        status,
-        overloaded: header("x-envoy-overloaded").is_some(),
-        from_upstream: header("x-envoy-upstream-service-time").is_some(),
-        body_prefix,
+        self.run();
     }
 }
 
@@ -358,7 +443,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        self.dispatch_queued();
+        self.run();
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
@@ -367,7 +452,7 @@ impl RootContext for Root {
             // queue does not grow.
             while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
         }
-        self.dispatch_queued();
+        self.run();
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -20,7 +20,7 @@ use super::abi;
 use super::body::HeldBody;
 use super::fanout::{self, Verdict};
 use super::time;
-use super::worker::{Active, Phase, SideCall, Waiter, Worker};
+use super::worker::{Active, CallKind, Phase, SideCall, Waiter, Worker};
 
 pub struct Stream {
     context_id: u32,
@@ -306,6 +306,8 @@ impl Stream {
                 request_id: Rc::clone(&pending.request_id),
                 enqueued_ns,
                 waiter: pending.waiter.clone(),
+                attempt: 1,
+                kind: CallKind::Side,
             });
         }
     }

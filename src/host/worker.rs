@@ -42,6 +42,17 @@ pub struct SideCall {
     pub enqueued_ns: Option<u64>,
     /// Set for fan-out requests, so the outcome reaches the held response.
     pub waiter: Option<Rc<RefCell<Waiter>>>,
+    /// 1 for the first attempt; retries count up from there.
+    pub attempt: u32,
+    pub kind: CallKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// A call to the target itself.
+    Side,
+    /// The one post of a finally failed side call to its dead-letter target.
+    DeadLetter,
 }
 
 /// A fan-out request's link between its context and the root, which
@@ -83,6 +94,8 @@ pub struct Worker {
     in_flight: Cell<usize>,
     /// Body bytes held by [`HeldBody`] values.
     body_bytes: Cell<usize>,
+    /// Retry attempts waiting for their backoff or running.
+    retries_in_flight: Cell<usize>,
     log_limiter: RefCell<LogLimiter>,
     rng: RefCell<Xorshift64>,
 }
@@ -96,6 +109,7 @@ impl Worker {
             tick_armed: Cell::new(false),
             in_flight: Cell::new(0),
             body_bytes: Cell::new(0),
+            retries_in_flight: Cell::new(0),
             log_limiter: RefCell::new(LogLimiter::new(LOG_WINDOW_MS, LOG_LINES_PER_WINDOW)),
             rng: RefCell::new(Xorshift64::new(seed)),
         }
@@ -129,6 +143,37 @@ impl Worker {
 
     pub fn call_finished(&self) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
+    }
+
+    /// Counts a call the root starts itself (a dead letter) as in flight.
+    pub fn call_started(&self) {
+        self.in_flight.set(self.in_flight.get().saturating_add(1));
+    }
+
+    pub fn retries_in_flight(&self) -> usize {
+        self.retries_in_flight.get()
+    }
+
+    pub fn retry_started(&self) {
+        self.retries_in_flight
+            .set(self.retries_in_flight.get().saturating_add(1));
+    }
+
+    pub fn retry_finished(&self) {
+        self.retries_in_flight
+            .set(self.retries_in_flight.get().saturating_sub(1));
+    }
+
+    /// Runs the root's `on_tick` every `period` until [`Self::disarm_tick`];
+    /// a timer that already runs keeps its period.
+    pub fn arm_tick(&self, period: Duration) {
+        if self.tick_armed.get() {
+            return;
+        }
+        match hostcalls::set_tick_period(period) {
+            Ok(()) => self.tick_armed.set(true),
+            Err(status) => warn!("arming the root's timer failed: {status:?}"),
+        }
     }
 
     /// Takes `len` bytes from the worker's body budget, if they fit.

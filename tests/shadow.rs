@@ -732,7 +732,9 @@ async fn failure_log_lines_rate_limited() {
     assert_eq!(lines.len(), 20, "{}", lines.join("\n"));
     for line in &lines {
         assert!(
-            line.contains("rule=signup target=down outcome=reset status=503 request_id=log-test-"),
+            line.contains(
+                "rule=signup target=down outcome=reset status=503 attempts=1 request_id=log-test-"
+            ),
             "{line}"
         );
     }

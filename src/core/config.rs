@@ -67,6 +67,9 @@ pub struct Config {
     pub strip_incoming_marker: bool,
     pub limits: Limits,
     pub rules: Vec<Rule>,
+    /// Some rule matches on headers other than `:method` and `:path`, so
+    /// matching needs the whole header map.
+    pub match_needs_headers: bool,
 }
 
 /// Per-worker caps; past them side calls are skipped and counted, never
@@ -510,8 +513,10 @@ fn compile(raw: RawConfig) -> Result<Parsed, ConfigError> {
         ));
     }
 
+    let match_needs_headers = rules.iter().any(|r| !r.matcher.headers.is_empty());
     Ok(Parsed {
         config: Config {
+            match_needs_headers,
             marker_header: raw.marker_header,
             strip_incoming_marker: raw.strip_incoming_marker,
             limits,

@@ -87,6 +87,12 @@ impl Stream {
         let Some(active) = self.active.clone() else {
             return;
         };
+        if !active.config.match_needs_headers
+            && !active.config.strip_incoming_marker
+            && !could_match(&active)
+        {
+            return;
+        }
         let request_headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
             Ok(h) => h,
             Err(status) => {
@@ -375,6 +381,22 @@ impl Stream {
             self.finish(pending, true);
         }
     }
+}
+
+/// Matches on `:method` and `:path` alone, read with two small host calls,
+/// so a request that no rule can match never copies the whole header map.
+fn could_match(active: &Active) -> bool {
+    let read = |name: &str| {
+        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    };
+    let probe = vec![
+        (":method".to_string(), read(":method")),
+        (":path".to_string(), read(":path")),
+    ];
+    active.config.first_match(&probe).is_some()
 }
 
 fn skip_all(pending: &Pending, reason: Skip) {

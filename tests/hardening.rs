@@ -455,3 +455,91 @@ async fn concurrent_large_bodies_stay_bounded() {
         envoy.log_tail(40)
     );
 }
+
+/// A request body that ends with trailers, as gRPC clients send.
+struct TrailingBody {
+    frames: std::collections::VecDeque<hyper::body::Frame<Bytes>>,
+}
+
+impl hyper::body::Body for TrailingBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.frames.pop_front().map(Ok))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_request_with_trailers_copied_at_end() {
+    let primary = Upstream::start(created()).await;
+    let side = Upstream::start(Behaviour::default()).await;
+    let envoy = Envoy::start(
+        EnvoyConfig::new(primary.port())
+            .primary_proto(Proto::Http2)
+            .target("side", side.port(), Proto::Http2)
+            .plugin_config(signup_rule("", r#"{"name": "side", "cluster": "side"}"#)),
+    )
+    .await;
+
+    // A gRPC-style message: a 5-byte length prefix, then the payload.
+    let payload = b"\x00\x00\x00\x00\x05hello".to_vec();
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("x-checksum", "abc".parse().unwrap());
+    let body = TrailingBody {
+        frames: [
+            hyper::body::Frame::data(Bytes::copy_from_slice(&payload[..4])),
+            hyper::body::Frame::data(Bytes::copy_from_slice(&payload[4..])),
+            hyper::body::Frame::trailers(trailers),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", envoy.port()))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::post(format!(
+        "http://127.0.0.1:{}/api/pkg.Service/Call",
+        envoy.port()
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(body)
+    .unwrap();
+    let response = tokio::time::timeout(WAIT, sender.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    envoy
+        .wait_for_counter(&stat("side", "outcome.success.side_calls"), 1, WAIT)
+        .await
+        .unwrap();
+    let copy = &side.requests()[0];
+    assert_eq!(
+        copy.body.as_ref(),
+        payload.as_slice(),
+        "the side call has the whole body"
+    );
+    assert_eq!(
+        copy.header("content-type").as_deref(),
+        Some("application/grpc")
+    );
+    assert_eq!(
+        copy.header("te").as_deref(),
+        Some("trailers"),
+        "gRPC servers require te: trailers"
+    );
+    assert_eq!(primary.requests()[0].body.as_ref(), payload.as_slice());
+}

@@ -25,7 +25,10 @@ pub fn build_headers(
 
     for (name, value) in request {
         let name = name.as_str();
-        if headers::is_hop_by_hop(name)
+        // `te: trailers` is the one TE value HTTP/2 allows, and gRPC
+        // servers require it.
+        let te_trailers = name == "te" && value.eq_ignore_ascii_case(b"trailers");
+        if (headers::is_hop_by_hop(name) && !te_trailers)
             || name == marker_header
             || connection_listed.iter().any(|t| t == name)
             || target.remove_headers.iter().any(|r| r == name)
@@ -405,6 +408,31 @@ mod tests {
         assert!(!is_copyable(&with("upgrade", b"websocket")));
         assert!(!is_copyable(&with("upgrade", b"h2c")));
         assert!(!is_copyable(&with(":protocol", b"websocket")));
+    }
+
+    #[test]
+    fn te_kept_only_for_trailers() {
+        let mut grpc = request();
+        grpc.push(("te".into(), b"trailers".to_vec()));
+        let built = build_headers(
+            &grpc,
+            &target(r#"{"name": "t", "cluster": "c"}"#),
+            "x-mesh-fanout",
+            "r/t",
+            None,
+        );
+        assert_eq!(headers::first(&built, "te"), Some(b"trailers".as_slice()));
+
+        let mut other = request();
+        other.push(("te".into(), b"gzip".to_vec()));
+        let built = build_headers(
+            &other,
+            &target(r#"{"name": "t", "cluster": "c"}"#),
+            "x-mesh-fanout",
+            "r/t",
+            None,
+        );
+        assert_eq!(headers::first(&built, "te"), None);
     }
 
     #[test]

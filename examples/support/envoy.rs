@@ -49,6 +49,17 @@ impl Envoy {
     /// Returns an error with the tail of the Envoy log if Envoy exits or is
     /// not ready within 20 s. The temp dir is then kept and its path printed.
     pub async fn start_from_yaml(yaml: &str, port: u16, admin_port: u16) -> Result<Envoy, String> {
+        Envoy::start_from_yaml_with_args(yaml, port, admin_port, &[]).await
+    }
+
+    /// Works like `start_from_yaml`, and passes `extra_args` to Envoy after
+    /// the fixed ones, for example `["--drain-time-s", "1"]`.
+    pub async fn start_from_yaml_with_args(
+        yaml: &str,
+        port: u16,
+        admin_port: u16,
+        extra_args: &[String],
+    ) -> Result<Envoy, String> {
         let bin = try_envoy_bin()?;
 
         let dir = unique_temp_dir();
@@ -68,6 +79,7 @@ impl Envoy {
             .arg("-c")
             .arg(&config_path)
             .args(["--concurrency", "2", "--disable-hot-restart", "-l", "info"])
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log_for_stdout)
             .stderr(log)
@@ -138,16 +150,49 @@ impl Envoy {
         self.child.id()
     }
 
+    /// Returns Envoy's resident set size in KiB, the `VmRSS` line of
+    /// `/proc/<pid>/status` (Linux only).
+    pub fn rss_kib(&self) -> Result<u64, String> {
+        let path = format!("/proc/{}/status", self.child.id());
+        let status =
+            std::fs::read_to_string(&path).map_err(|e| format!("reading {path} failed: {e}"))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().strip_suffix("kB"))
+            .and_then(|kib| kib.trim().parse().ok())
+            .ok_or_else(|| format!("{path} has no VmRSS line in kB"))
+    }
+
+    /// Estimates the linear memory of Envoy's V8 Wasm instances from
+    /// `/proc/<pid>/smaps` (Linux only), because Envoy 1.40 has no stat for it.
+    ///
+    /// NOTE: this relies on how V8 lays out a Wasm memory on 64-bit Linux.
+    /// It reserves several GiB of address space for each memory. The
+    /// accessible pages at the start form their own `rw-p` mapping, and the
+    /// rest stays `---p`. So each `---p` mapping of at least 4 GiB counts as
+    /// one instance's guard region, and the `rw-p` mapping that ends where it
+    /// starts as that instance's memory. Other runtimes or V8 versions may
+    /// lay memory out differently.
+    pub fn wasm_memory(&self) -> Result<WasmMemory, String> {
+        let path = format!("/proc/{}/smaps", self.child.id());
+        let smaps =
+            std::fs::read_to_string(&path).map_err(|e| format!("reading {path} failed: {e}"))?;
+        Ok(parse_wasm_memory(&smaps))
+    }
+
     /// Temp dir with `envoy.yaml` and `envoy.log`.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Returns Envoy's stdout and stderr so far.
+    /// Returns Envoy's stdout and stderr so far. Bytes that are not UTF-8,
+    /// which Envoy's crash backtrace can contain, become U+FFFD.
     pub fn log_text(&self) -> String {
         let path = self.dir.join("envoy.log");
-        std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {} failed: {e}", path.display()))
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("reading {} failed: {e}", path.display()));
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// Returns the last `lines` lines of `log_text()`.
@@ -179,6 +224,81 @@ impl Drop for Envoy {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Linear memory of the Wasm instances in one Envoy process, as estimated
+/// by `Envoy::wasm_memory`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WasmMemory {
+    /// Number of instances (VMs) found.
+    pub instances: usize,
+    /// Total accessible linear memory, in KiB. Wasm memory only grows, so
+    /// this never drops while the instances live.
+    pub size_kib: u64,
+    /// The part of `size_kib` that is resident, in KiB.
+    pub rss_kib: u64,
+}
+
+/// One mapping of `/proc/<pid>/smaps`, with the fields `wasm_memory` reads.
+struct Mapping {
+    start: u64,
+    end: u64,
+    permissions: String,
+    size_kib: u64,
+    rss_kib: u64,
+}
+
+fn parse_wasm_memory(smaps: &str) -> WasmMemory {
+    const GUARD_MIN_KIB: u64 = 4 * 1024 * 1024;
+    let mut mappings: Vec<Mapping> = Vec::new();
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if let Some((start, end)) = first.split_once('-') {
+            if let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+            {
+                mappings.push(Mapping {
+                    start,
+                    end,
+                    permissions: fields.next().unwrap_or_default().to_owned(),
+                    size_kib: 0,
+                    rss_kib: 0,
+                });
+                continue;
+            }
+        }
+        let value = || {
+            fields
+                .clone()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        if let Some(mapping) = mappings.last_mut() {
+            match first {
+                "Size:" => mapping.size_kib = value(),
+                "Rss:" => mapping.rss_kib = value(),
+                _ => {}
+            }
+        }
+    }
+
+    let mut memory = WasmMemory::default();
+    for guard in mappings
+        .iter()
+        .filter(|m| m.permissions == "---p" && m.size_kib >= GUARD_MIN_KIB)
+    {
+        let accessible = mappings
+            .iter()
+            .find(|m| m.end == guard.start && m.permissions == "rw-p");
+        if let Some(accessible) = accessible {
+            memory.instances += 1;
+            memory.size_kib += accessible.size_kib;
+            memory.rss_kib += accessible.rss_kib;
+        }
+    }
+    memory
 }
 
 fn unique_temp_dir() -> PathBuf {

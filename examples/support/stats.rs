@@ -27,6 +27,21 @@ impl Envoy {
         Ok(parse_counters(&body))
     }
 
+    /// Returns every gauge by its full dotted name, from `/stats?type=Gauges`.
+    ///
+    /// Panics if the admin request fails.
+    pub async fn gauges(&self) -> BTreeMap<String, u64> {
+        self.try_gauges()
+            .await
+            .unwrap_or_else(|message| panic!("{message}"))
+    }
+
+    /// Works like `gauges` but returns the error.
+    pub async fn try_gauges(&self) -> Result<BTreeMap<String, u64>, String> {
+        let body = self.admin_get_ok("/stats?type=Gauges").await?;
+        Ok(parse_counters(&body))
+    }
+
     /// Returns counter `name`, or 0 if Envoy has not created it.
     ///
     /// NOTE: a misspelled name also reads as 0. `wait_for_counter` lists

@@ -1,7 +1,8 @@
 //! Builder for the Envoy bootstrap used by the integration tests.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::{envoy_bin, free_port, wasm_path, Envoy, Proto};
 
@@ -38,6 +39,41 @@ enum WasmFilter {
     File(PathBuf),
 }
 
+/// What Envoy does with a plugin whose VM failed (a panic or trap):
+/// `failure_policy` of `envoy.extensions.wasm.v3.PluginConfig`, checked
+/// against Envoy 1.40 with `envoy --mode validate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Leaves the field out, so Envoy's default applies.
+    Unset,
+    /// `FAIL_CLOSED`: requests that reach the failed VM get a 503.
+    FailClosed,
+    /// `FAIL_OPEN`: requests pass through as if the filter were absent.
+    FailOpen,
+    /// `FAIL_RELOAD`: a new VM replaces the failed one, rate-limited by
+    /// `reload_config.backoff`.
+    FailReload,
+}
+
+impl FailurePolicy {
+    fn yaml_value(self) -> Option<&'static str> {
+        match self {
+            FailurePolicy::Unset => None,
+            FailurePolicy::FailClosed => Some("FAIL_CLOSED"),
+            FailurePolicy::FailOpen => Some("FAIL_OPEN"),
+            FailurePolicy::FailReload => Some("FAIL_RELOAD"),
+        }
+    }
+}
+
+/// `reload_config.backoff` of the plugin: the `BackoffStrategy` that spaces
+/// VM reloads under `FailurePolicy::FailReload`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ReloadBackoff {
+    base_interval: Duration,
+    max_interval: Duration,
+}
+
 /// Bootstrap for one Envoy: an admin endpoint, one listener that routes
 /// everything to cluster `primary`, the wasm filter, and target clusters.
 #[derive(Clone, Debug)]
@@ -48,7 +84,19 @@ pub struct EnvoyConfig {
     targets: Vec<Cluster>,
     wasm: WasmFilter,
     plugin_config: String,
+    failure_policy: FailurePolicy,
+    reload_backoff: Option<ReloadBackoff>,
+    /// Directory of the LDS file, when the listener comes from file-based
+    /// LDS instead of `static_resources`.
+    lds_dir: Option<PathBuf>,
+    /// Envoy's `--drain-time-s`, when set.
+    drain_time_s: Option<u64>,
+    /// Clusters given as YAML mappings by `raw_cluster`.
+    raw_clusters: Vec<String>,
 }
+
+/// Name of the LDS file inside `EnvoyConfig::listener_via_lds`'s directory.
+pub const LDS_FILE_NAME: &str = "lds.yaml";
 
 impl EnvoyConfig {
     /// Starts a config whose cluster `primary` sends HTTP/1.1 to 127.0.0.1:`primary_port`.
@@ -68,6 +116,11 @@ impl EnvoyConfig {
             targets: Vec::new(),
             wasm: WasmFilter::Release,
             plugin_config: r#"{"rules": []}"#.to_owned(),
+            failure_policy: FailurePolicy::Unset,
+            reload_backoff: None,
+            lds_dir: None,
+            drain_time_s: None,
+            raw_clusters: Vec::new(),
         }
     }
 
@@ -95,6 +148,75 @@ impl EnvoyConfig {
         self
     }
 
+    /// Sets the plugin's `failure_policy`.
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.failure_policy = policy;
+        self
+    }
+
+    /// Sets the plugin's `reload_config.backoff`, which spaces the VM
+    /// reloads of `FailurePolicy::FailReload`. Envoy's default base
+    /// interval is 1 s.
+    ///
+    /// Panics if the base is under 2 ms or the max is under the base.
+    /// Envoy 1.40 accepts a 1 ms base, but then computes its jitter as
+    /// `random % (base_ms >> 1)` and dies of SIGFPE at the first reload.
+    pub fn reload_backoff(mut self, base_interval: Duration, max_interval: Duration) -> Self {
+        assert!(
+            base_interval >= Duration::from_millis(2) && max_interval >= base_interval,
+            "invalid reload backoff {base_interval:?}..{max_interval:?}: \
+             use a base of at least 2 ms and a max not below the base"
+        );
+        self.reload_backoff = Some(ReloadBackoff {
+            base_interval,
+            max_interval,
+        });
+        self
+    }
+
+    /// Delivers the listener through file-based LDS: the bootstrap points
+    /// `dynamic_resources.lds_config` at `dir/lds.yaml` and watches `dir`.
+    ///
+    /// `Envoy::start` writes the file; `write_lds` replaces it later, which
+    /// pushes a new listener configuration to the running Envoy.
+    pub fn listener_via_lds(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.lds_dir = Some(dir.into());
+        self
+    }
+
+    /// Sets Envoy's `--drain-time-s` (600 s by default). After an LDS
+    /// update replaces the filter chain, Envoy keeps the old chain, and
+    /// with it the old plugin, for this long.
+    pub fn drain_time_s(mut self, seconds: u64) -> Self {
+        self.drain_time_s = Some(seconds);
+        self
+    }
+
+    /// Writes the listener to the LDS file by writing a temp file in the
+    /// same directory and renaming it over `lds.yaml`. Envoy reloads the
+    /// path when an entry is moved into the watched directory (the
+    /// `PathConfigSource` API docs), so it never reads a partial file.
+    ///
+    /// Returns an error if the config does not use `listener_via_lds` or a
+    /// file operation fails.
+    pub fn write_lds(&self) -> Result<(), String> {
+        let dir = self
+            .lds_dir
+            .as_deref()
+            .ok_or("write_lds needs a config built with listener_via_lds")?;
+        let yaml = format!(
+            "resources:\n{}",
+            list_item(
+                &format!(
+                    "\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n{}",
+                    self.listener_yaml()
+                ),
+                0
+            )
+        );
+        write_atomically(dir, LDS_FILE_NAME, &yaml)
+    }
+
     /// Adds cluster `name` that sends `proto` to 127.0.0.1:`port`.
     pub fn target(mut self, name: &str, port: u16, proto: Proto) -> Self {
         self.targets.push(Cluster {
@@ -102,6 +224,15 @@ impl EnvoyConfig {
             port,
             proto,
         });
+        self
+    }
+
+    /// Adds a cluster written as YAML: one mapping without the leading
+    /// `- `, as an item of `static_resources.clusters`. It is for settings
+    /// that no builder method sets, such as TLS, circuit breakers or outlier
+    /// detection. Envoy checks it when it starts.
+    pub fn raw_cluster(mut self, yaml: impl Into<String>) -> Self {
+        self.raw_clusters.push(yaml.into());
         self
     }
 
@@ -128,6 +259,54 @@ impl EnvoyConfig {
     ///
     /// Panics if the wasm filter is included and its file does not exist.
     pub fn to_yaml(&self) -> String {
+        let mut clusters = String::new();
+        for cluster in std::iter::once(&self.primary).chain(&self.targets) {
+            clusters.push_str(&cluster_yaml(cluster));
+        }
+        for raw in &self.raw_clusters {
+            clusters.push_str(&list_item(raw, 0));
+        }
+
+        let resources = match &self.lds_dir {
+            // Envoy requires a node id and cluster for any xDS source,
+            // also a local file.
+            Some(dir) => format!(
+                "node: {{ id: mesh-fanout-test, cluster: mesh-fanout-test }}
+dynamic_resources:
+  lds_config:
+    resource_api_version: V3
+    path_config_source:
+      path: {path}
+      watched_directory: {{ path: {dir} }}
+static_resources:
+",
+                path = yaml_quote(&dir.join(LDS_FILE_NAME).to_string_lossy()),
+                dir = yaml_quote(&dir.to_string_lossy()),
+            ),
+            None => format!(
+                "static_resources:
+  listeners:
+{}",
+                list_item(&self.listener_yaml(), 2)
+            ),
+        };
+
+        format!(
+            "admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
+{STATS_TAGS_YAML}{resources}  clusters:
+{clusters}",
+            admin_port = self.admin_port,
+            clusters = indent(&clusters, 2),
+        )
+    }
+
+    /// Renders the listener, a mapping without leading `- `, that routes
+    /// everything to cluster `primary` through the filter chain.
+    ///
+    /// Panics if the wasm filter is included and its file does not exist.
+    fn listener_yaml(&self) -> String {
         let wasm_file = match &self.wasm {
             WasmFilter::Omitted => None,
             WasmFilter::Release => Some(wasm_path()),
@@ -135,51 +314,43 @@ impl EnvoyConfig {
         };
         let http_filters = match wasm_file {
             Some(path) => {
-                let wasm = wasm_filter_yaml(&path.to_string_lossy(), &self.plugin_config);
+                let wasm = wasm_filter_yaml(
+                    &path.to_string_lossy(),
+                    &self.plugin_config,
+                    self.failure_policy,
+                    self.reload_backoff,
+                );
                 format!("{wasm}{ROUTER_FILTER_YAML}")
             }
             None => ROUTER_FILTER_YAML.to_owned(),
         };
 
-        let mut clusters = String::new();
-        for cluster in std::iter::once(&self.primary).chain(&self.targets) {
-            clusters.push_str(&cluster_yaml(cluster));
-        }
-
         format!(
-            "admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
-{STATS_TAGS_YAML}static_resources:
-  listeners:
-  - name: ingress
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress_http
-          codec_type: AUTO
-          generate_request_id: true
-          upgrade_configs:
-          - upgrade_type: websocket
-          route_config:
-            name: local_route
-            virtual_hosts:
-            - name: all
-              domains: [\"*\"]
-              routes:
-              - match: {{ prefix: \"/\" }}
-                route: {{ cluster: primary, timeout: 10s }}
-          http_filters:
-{http_filters}  clusters:
-{clusters}",
-            admin_port = self.admin_port,
+            "name: ingress
+address:
+  socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: ingress_http
+      codec_type: AUTO
+      generate_request_id: true
+      upgrade_configs:
+      - upgrade_type: websocket
+      route_config:
+        name: local_route
+        virtual_hosts:
+        - name: all
+          domains: [\"*\"]
+          routes:
+          - match: {{ prefix: \"/\" }}
+            route: {{ cluster: primary, timeout: 10s }}
+      http_filters:
+{http_filters}",
             port = self.port,
-            http_filters = indent(&http_filters, 10),
-            clusters = indent(&clusters, 2),
+            http_filters = indent(&http_filters, 6),
         )
     }
 }
@@ -194,7 +365,16 @@ impl Envoy {
         // Both panic on a missing binary or module, before any file is written.
         envoy_bin();
         let yaml = config.to_yaml();
-        Envoy::start_from_yaml(&yaml, config.port(), config.admin_port())
+        if config.lds_dir.is_some() {
+            config
+                .write_lds()
+                .unwrap_or_else(|message| panic!("{message}"));
+        }
+        let mut args = Vec::new();
+        if let Some(seconds) = config.drain_time_s {
+            args.extend(["--drain-time-s".to_owned(), seconds.to_string()]);
+        }
+        Envoy::start_from_yaml_with_args(&yaml, config.port(), config.admin_port(), &args)
             .await
             .unwrap_or_else(|message| panic!("{message}"))
     }
@@ -205,7 +385,25 @@ const ROUTER_FILTER_YAML: &str = r#"- name: envoy.filters.http.router
     "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
 "#;
 
-fn wasm_filter_yaml(wasm_file: &str, plugin_config: &str) -> String {
+fn wasm_filter_yaml(
+    wasm_file: &str,
+    plugin_config: &str,
+    failure_policy: FailurePolicy,
+    reload_backoff: Option<ReloadBackoff>,
+) -> String {
+    let mut policy = String::new();
+    if let Some(value) = failure_policy.yaml_value() {
+        writeln!(policy, "      failure_policy: {value}").unwrap();
+    }
+    if let Some(backoff) = reload_backoff {
+        writeln!(
+            policy,
+            "      reload_config:\n        backoff: {{ base_interval: {}s, max_interval: {}s }}",
+            backoff.base_interval.as_secs_f64(),
+            backoff.max_interval.as_secs_f64()
+        )
+        .unwrap();
+    }
     format!(
         r#"- name: envoy.filters.http.wasm
   typed_config:
@@ -213,7 +411,7 @@ fn wasm_filter_yaml(wasm_file: &str, plugin_config: &str) -> String {
     config:
       name: mesh_fanout
       root_id: mesh_fanout
-      vm_config:
+{policy}      vm_config:
         vm_id: mesh_fanout
         runtime: envoy.wasm.runtime.v8
         code: {{ local: {{ filename: {file} }} }}
@@ -278,6 +476,29 @@ fn yaml_quote(text: &str) -> String {
     }
     quoted.push('"');
     quoted
+}
+
+/// Writes `contents` to `dir/name` by renaming a temp file of the same
+/// directory over it, so readers see the old file or the new one, never a
+/// partial write.
+fn write_atomically(dir: &Path, name: &str, contents: &str) -> Result<(), String> {
+    let temp = dir.join(format!(".{name}.tmp"));
+    let target = dir.join(name);
+    std::fs::write(&temp, contents)
+        .map_err(|e| format!("writing {} failed: {e}", temp.display()))?;
+    std::fs::rename(&temp, &target).map_err(|e| {
+        format!(
+            "renaming {} to {} failed: {e}",
+            temp.display(),
+            target.display()
+        )
+    })
+}
+
+/// Renders the mapping `text` as a YAML sequence item at `spaces`.
+fn list_item(text: &str, spaces: usize) -> String {
+    let indented = indent(text, spaces + 2);
+    format!("{}- {}", " ".repeat(spaces), &indented[spaces + 2..])
 }
 
 fn indent(text: &str, spaces: usize) -> String {

@@ -12,12 +12,14 @@ pub mod client;
 pub mod config;
 #[path = "../../examples/support/envoy.rs"]
 pub mod envoy;
+pub mod fault;
 #[path = "../../examples/support/stats.rs"]
 pub mod stats;
 #[path = "../../examples/support/upstream.rs"]
 pub mod upstream;
 
 pub use client::{send, send_concurrent, Body, Proto, Request, Response};
-pub use config::{EnvoyConfig, STATS_TAGS_YAML};
+pub use config::{EnvoyConfig, FailurePolicy, STATS_TAGS_YAML};
 pub use envoy::{envoy_bin, free_port, wasm_path, Envoy};
+pub use fault::{fault_wasm_path, FAULT_HEADER, FAULT_PANIC};
 pub use upstream::{Behaviour, RecordedRequest, Upstream};

@@ -27,8 +27,9 @@ pub const MAX_BODY_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
 /// 32 requests per worker can carry full-size bodies at once.
 pub const DEFAULT_MAX_BODY_BYTES_PER_WORKER: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_IN_FLIGHT_PER_WORKER: u64 = 1000;
-/// Upper bound for both per-worker limits' inputs, to catch typos.
-const MAX_LIMIT_VALUE: u64 = 1 << 40;
+/// Upper bound for the per-worker limits: a wasm32 VM cannot address more
+/// than 4 GiB, so larger values would only hide a typo.
+const MAX_LIMIT_VALUE: u64 = u32::MAX as u64;
 /// Names become segments of Envoy stat names, so they stay short and
 /// free of dots.
 const MAX_NAME_LEN: usize = 64;
@@ -107,6 +108,7 @@ pub struct Rule {
 
 /// How a rule treats its side calls.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Fire and forget: the client never waits for a side call.
@@ -118,6 +120,7 @@ pub enum Mode {
 
 /// What a fan-out rule does when an awaited target fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum OnFailure {
     /// The client gets the primary's response whatever the targets did.
@@ -245,6 +248,14 @@ fn strip_position(message: &str) -> String {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(
+        rename = "MeshFanoutConfig",
+        description = "Plugin configuration of the mesh-fanout Envoy filter. README.md describes every field."
+    )
+)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default = "default_marker_header")]
@@ -257,11 +268,18 @@ struct RawConfig {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "Limits")
+)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     #[serde(default = "default_max_in_flight")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_LIMIT_VALUE)))]
     max_in_flight_per_worker: u64,
     #[serde(default = "default_max_body_bytes_per_worker")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_LIMIT_VALUE)))]
     max_body_bytes_per_worker: u64,
     #[serde(default = "default_retry_budget_percent")]
     retry_budget_percent: u32,
@@ -277,6 +295,11 @@ fn default_min_retry_concurrency() -> u32 {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "Retry")
+)]
 #[serde(deny_unknown_fields)]
 struct RawRetry {
     attempts: u32,
@@ -287,6 +310,11 @@ struct RawRetry {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "Backoff")
+)]
 #[serde(deny_unknown_fields)]
 struct RawBackoff {
     #[serde(default = "default_backoff_base")]
@@ -317,6 +345,11 @@ fn default_retry_on() -> Vec<String> {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "DeadLetter")
+)]
 #[serde(deny_unknown_fields)]
 struct RawDeadLetter {
     cluster: String,
@@ -349,8 +382,14 @@ fn default_max_body_bytes_per_worker() -> u64 {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "Rule")
+)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = MAX_NAME_LEN), regex(pattern = r"^[A-Za-z0-9_-]+$")))]
     name: String,
     #[serde(rename = "match", default)]
     match_: RawMatch,
@@ -358,13 +397,20 @@ struct RawRule {
     mode: Mode,
     on_failure: Option<OnFailure>,
     result_header: Option<String>,
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     targets: Vec<RawTarget>,
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "Match")
+)]
 #[serde(deny_unknown_fields)]
 struct RawMatch {
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(regex(pattern = r"^[A-Z_-]+$"))))]
     methods: Vec<String>,
     path: Option<RawPathMatch>,
     #[serde(default)]
@@ -372,6 +418,11 @@ struct RawMatch {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "PathMatch", extend("minProperties" = 1, "maxProperties" = 1))
+)]
 #[serde(deny_unknown_fields)]
 struct RawPathMatch {
     prefix: Option<String>,
@@ -380,6 +431,11 @@ struct RawPathMatch {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "HeaderMatch", extend("minProperties" = 2, "maxProperties" = 2))
+)]
 #[serde(deny_unknown_fields)]
 struct RawHeaderMatch {
     name: String,
@@ -390,13 +446,22 @@ struct RawHeaderMatch {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "Target")
+)]
 #[serde(deny_unknown_fields)]
 struct RawTarget {
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = MAX_NAME_LEN), regex(pattern = r"^[A-Za-z0-9_-]+$")))]
     name: String,
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = r"^[^\x00-\x20\x7f]+$")))]
     cluster: String,
     #[serde(default = "default_timeout_ms")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_TIMEOUT_MS)))]
     timeout_ms: u64,
     #[serde(default = "default_sample_percent")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 0, max = 100)))]
     sample_percent: f64,
     #[serde(default = "default_sample_key")]
     sample_key: String,
@@ -407,6 +472,7 @@ struct RawTarget {
     #[serde(default = "default_true")]
     body: bool,
     #[serde(default = "default_max_body_bytes")]
+    #[cfg_attr(feature = "schema", schemars(range(max = MAX_BODY_BYTES_LIMIT)))]
     max_body_bytes: u64,
     #[serde(rename = "await")]
     awaited: Option<bool>,
@@ -418,6 +484,11 @@ struct RawTarget {
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "HeaderEdits")
+)]
 #[serde(deny_unknown_fields)]
 struct RawHeaderEdits {
     #[serde(default)]
@@ -451,6 +522,15 @@ fn compile(raw: RawConfig) -> Result<Parsed, ConfigError> {
     let mut raw = raw;
     raw.marker_header = raw.marker_header.to_ascii_lowercase();
     check_header_name("marker_header", &raw.marker_header)?;
+    if headers::is_hop_by_hop(&raw.marker_header) || headers::is_credential(&raw.marker_header) {
+        return Err(error(
+            "marker_header",
+            format!(
+                "{:?} is a header the filter drops or recomputes on side calls, so it cannot mark them; use a name of its own such as \"x-mesh-fanout\"",
+                raw.marker_header
+            ),
+        ));
+    }
 
     if raw.rules.is_empty() {
         warnings
@@ -635,6 +715,12 @@ fn compile_path_match(path: &str, raw: RawPathMatch) -> Result<PathMatcher, Conf
         }
         (None, Some(exact), None) => {
             check_path_value(&format!("{path}.exact"), &exact)?;
+            if exact.contains('?') {
+                return Err(error(
+                    format!("{path}.exact"),
+                    format!("{exact:?} contains a query string, but `exact` compares the path without it; remove the query or use `prefix`"),
+                ));
+            }
             PathMatcher::Exact(exact)
         }
         (None, None, Some(regex)) => {
@@ -796,7 +882,14 @@ fn compile_target(
         None => None,
         Some(name) => {
             let name = name.to_ascii_lowercase();
-            check_editable_header(&format!("{path}.idempotency_header"), &name, marker_header)?;
+            let field = format!("{path}.idempotency_header");
+            check_editable_header(&field, &name, marker_header)?;
+            if set_headers.iter().any(|(set, _)| *set == name) {
+                return Err(error(
+                    field,
+                    format!("{name:?} is also in headers.set; the filter sets this header itself, so remove it from headers.set"),
+                ));
+            }
             Some(name)
         }
     };
@@ -1039,6 +1132,13 @@ fn check_path_value(field: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Returns the JSON Schema (draft 2020-12) of the plugin configuration,
+/// pretty-printed, as committed in schema/mesh-fanout.schema.json.
+#[cfg(feature = "schema")]
+pub fn json_schema() -> String {
+    format!("{:#}\n", schemars::schema_for!(RawConfig).as_value())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1200,6 +1300,46 @@ mod tests {
     }
 
     #[test]
+    fn marker_header_must_survive_side_calls() {
+        for name in [
+            "content-length",
+            "connection",
+            "te",
+            "keep-alive",
+            "cookie",
+            "authorization",
+        ] {
+            let message = parse_err(&format!(r#"{{"marker_header": "{name}", "rules": []}}"#));
+            assert!(
+                message.starts_with(&format!(
+                    "marker_header: \"{name}\" is a header the filter drops"
+                )),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn exact_path_with_query_rejected() {
+        let json = r#"{"rules": [{"name": "r", "match": {"path": {"exact": "/a?b"}}, "targets": [{"name": "t", "cluster": "c"}]}]}"#;
+        assert!(parse_err(json)
+            .starts_with("rules[0].match.path.exact: \"/a?b\" contains a query string"));
+    }
+
+    #[test]
+    fn idempotency_header_not_also_set() {
+        let message = parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "idempotency_header": "x-key", "headers": {"set": {"x-key": "v"}}}"#,
+        ));
+        assert!(
+            message.starts_with(
+                "rules[0].targets[0].idempotency_header: \"x-key\" is also in headers.set"
+            ),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn marker_header_lowercased() {
         let parsed = parse(br#"{"marker_header": "X-Mesh-Fanout", "rules": []}"#).unwrap();
         assert_eq!(parsed.config.marker_header, "x-mesh-fanout");
@@ -1289,7 +1429,7 @@ mod tests {
 
         assert_eq!(
             parse_err(r#"{"limits": {"max_in_flight_per_worker": 0}, "rules": []}"#),
-            "limits.max_in_flight_per_worker: 0 is out of range; use 1 to 1099511627776"
+            "limits.max_in_flight_per_worker: 0 is out of range; use 1 to 4294967295"
         );
         assert!(parse_err(r#"{"limits": {"max_inflight": 3}, "rules": []}"#)
             .starts_with("limits.max_inflight: unknown field `max_inflight`"));

@@ -33,6 +33,7 @@ pub fn build_headers(
             || connection_listed.iter().any(|t| t == name)
             || target.remove_headers.iter().any(|r| r == name)
             || (target.strip_credentials && headers::is_credential(name))
+            || target.idempotency_header.as_deref() == Some(name)
             || target.set_headers.iter().any(|(s, _)| s == name)
         {
             continue;
@@ -335,6 +336,12 @@ mod tests {
             retry::idempotency_key(b"abc-123", "signup", "t").as_bytes()
         );
         assert_eq!(headers::first(&again, "idempotency-key"), Some(key));
+
+        let mut spoofed = request();
+        spoofed.push(("idempotency-key".into(), b"from-client".to_vec()));
+        let built = build_headers(&spoofed, &t, "x-mesh-fanout", "signup/t", None);
+        let keys: Vec<&[u8]> = headers::values(&built, "idempotency-key").collect();
+        assert_eq!(keys, vec![key], "the derived key replaces a client's value");
 
         let mut no_id = request();
         no_id.retain(|(n, _)| n != "x-request-id");

@@ -48,7 +48,7 @@ struct Attempt {
 
 type Attempts = Arc<Mutex<HashMap<String, Vec<Attempt>>>>;
 
-/// Starts an upstream that answers 503 to the first `failures` attempts of
+/// Starts an upstream that responds 503 to the first `failures` attempts of
 /// each `x-request-id` and 200 after that, recording every attempt.
 async fn flaky_upstream(failures: usize) -> (u16, Attempts) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -2,7 +2,7 @@
 //! backoff schedule, the per-worker budget, and idempotency keys.
 //!
 //! These are opt-in and bounded. Retries by the mesh (a retry policy on a
-//! route the side call passes through) are the first choice; these exist
+//! route the side call passes through) are the first choice. These exist
 //! because a dispatched call does not pass through a route.
 
 use super::outcome::Outcome;

@@ -26,9 +26,9 @@ pub fn http_call(
 }
 
 /// Maps Envoy's refusal to start a call to an outcome. `InternalFailure`
-/// means the async client rejected the request at once, which in Envoy 1.40
-/// happens when the target cluster's circuit breaker overflows or it has no
-/// healthy host; both are the mesh shedding load, so they count as overflow.
+/// means the async client rejected the request at once. In Envoy 1.40 that
+/// happens when the target cluster's circuit breakers overflow or it has no
+/// healthy host, both the mesh shedding load, so they count as overflow.
 pub fn refusal_outcome(status: Status) -> Outcome {
     match status {
         Status::InternalFailure => Outcome::Overflow,

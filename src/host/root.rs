@@ -46,7 +46,7 @@ struct ScheduledRetry {
     call: SideCall,
 }
 
-/// How one attempt ended.
+/// The end of one attempt.
 struct AttemptEnd {
     outcome: Outcome,
     status: Option<u16>,

@@ -111,7 +111,9 @@ async fn retry_succeeds_on_third_attempt() {
         EnvoyConfig::new(primary.port())
             .target("flaky", flaky_port, Proto::Http1)
             .plugin_config(signup_rule(
-                "",
+                // All five calls may wait for a retry at once; the budget is
+                // tested on its own below.
+                r#""limits": {"min_retry_concurrency": 10}, "#,
                 r#"{"name": "flaky", "cluster": "flaky", "idempotency_header": "idempotency-key",
                     "retry": {"attempts": 3, "backoff_ms": {"base": 10, "max": 50}, "on": ["5xx"]}}"#,
             )),

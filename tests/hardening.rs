@@ -7,29 +7,12 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
+use support::plugin::{created, signup_rule, stat};
 use support::{send, send_concurrent, Behaviour, Envoy, EnvoyConfig, Proto, Request, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn signup_rule(extra_top_level: &str, targets: &str) -> String {
-    format!(
-        r#"{{{extra_top_level}"rules": [{{"name": "signup", "match": {{"path": {{"prefix": "/api"}}}}, "targets": [{targets}]}}]}}"#
-    )
-}
-
-fn stat(target: &str, tail: &str) -> String {
-    format!("wasmcustom.mesh_fanout.rule.signup.target.{target}.{tail}")
-}
-
-fn created() -> Behaviour {
-    Behaviour {
-        status: 201,
-        body: Bytes::from_static(b"created"),
-        ..Behaviour::default()
-    }
-}
 
 /// Reads one gauge from admin `/stats`, which the counter helpers skip.
 async fn gauge(envoy: &Envoy, name: &str) -> Option<u64> {

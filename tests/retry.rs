@@ -16,28 +16,11 @@ use hyper::{Request as HyperRequest, Response as HyperResponse};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use mesh_fanout::core::retry::idempotency_key;
+use support::plugin::{created, signup_rule, stat};
 use support::{send, send_concurrent, Behaviour, Envoy, EnvoyConfig, Proto, Request, Upstream};
 use tokio::net::TcpListener;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn signup_rule(extra_top_level: &str, targets: &str) -> String {
-    format!(
-        r#"{{{extra_top_level}"rules": [{{"name": "signup", "match": {{"path": {{"prefix": "/api"}}}}, "targets": [{targets}]}}]}}"#
-    )
-}
-
-fn stat(target: &str, tail: &str) -> String {
-    format!("wasmcustom.mesh_fanout.rule.signup.target.{target}.{tail}")
-}
-
-fn created() -> Behaviour {
-    Behaviour {
-        status: 201,
-        body: Bytes::from_static(b"created"),
-        ..Behaviour::default()
-    }
-}
 
 /// One attempt as the flaky upstream saw it.
 #[derive(Clone, Debug)]

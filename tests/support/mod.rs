@@ -13,6 +13,7 @@ pub mod config;
 #[path = "../../examples/support/envoy.rs"]
 pub mod envoy;
 pub mod fault;
+pub mod plugin;
 #[path = "../../examples/support/stats.rs"]
 pub mod stats;
 #[path = "../../examples/support/upstream.rs"]

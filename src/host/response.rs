@@ -23,6 +23,16 @@ pub fn classify_current(num_headers: usize, body_size: usize) -> (Outcome, Optio
             .ok()
             .and_then(|s| s.parse::<u16>().ok())
     });
+    // Only Envoy's own 502, 503 and 504 replies need a closer look; for
+    // every other status one host call is enough.
+    if !matches!(status, Some(502..=504)) {
+        let summary = ResponseSummary {
+            status,
+            from_upstream: true,
+            ..ResponseSummary::default()
+        };
+        return (outcome::classify(Some(&summary)), status);
+    }
     let body_prefix = if body_size == 0 {
         Vec::new()
     } else {

@@ -1,0 +1,89 @@
+"""Check that a results.json written by examples/bench/ parses and is complete.
+
+`make bench-smoke` runs it on the smoke run's output:
+
+    python3 bench/check_results.py target/bench-smoke/results.json
+
+It checks the structure and that every run got responses, not the
+performance targets, which a smoke run is too short to measure.
+"""
+
+import json
+import math
+import sys
+
+PERCENTILES = ("p50", "p90", "p99", "p99.9")
+
+
+def check(path):
+    """Return a list of problems found in the results file at `path`."""
+    with open(path, encoding="utf-8") as file:
+        results = json.load(file)
+
+    problems = []
+    for key in ("envoy_version", "machine", "wasm", "scenarios", "targets", "fixed_rates"):
+        if key not in results:
+            problems.append(f"missing top-level key {key!r}")
+    if problems:
+        return problems
+
+    if not results["scenarios"]:
+        problems.append("no scenarios")
+    runs = 0
+    for scenario in results["scenarios"]:
+        for kind in ("closed_loop", "fixed_rate"):
+            run = scenario.get(kind)
+            if run is None:
+                continue
+            runs += 1
+            where = f"scenario {scenario['id']} {kind}"
+            client = run["client"]
+            if client["ok"] <= 0:
+                problems.append(f"{where}: no successful request")
+            if client["failures"]:
+                problems.append(f"{where}: failed requests {client['failures']}")
+            for key in PERCENTILES:
+                value = client["latency_ms"].get(key)
+                if value is None or not math.isfinite(value) or value <= 0:
+                    problems.append(f"{where}: latency {key} is {value!r}")
+            if run["envoy_requests"] != client["ok"]:
+                problems.append(
+                    f"{where}: Envoy completed {run['envoy_requests']} requests, "
+                    f"oha received {client['ok']} responses"
+                )
+            if run["memory"]["rss_kib"] <= 0:
+                problems.append(f"{where}: Envoy RSS is {run['memory']['rss_kib']}")
+            side = run.get("side_calls")
+            expects_side_calls = scenario["setup"] != "router only" and not scenario["id"].startswith("7")
+            if expects_side_calls and (side is None or side["completed"] <= 0):
+                problems.append(f"{where}: no side call completed")
+    if runs == 0:
+        problems.append("no runs")
+    for target in results["targets"]:
+        if target.get("pass") not in (True, False, None):
+            problems.append(f"target {target.get('name')!r}: pass is {target.get('pass')!r}")
+    if results["wasm"]["bytes"] <= 0:
+        problems.append("wasm size missing")
+    return problems
+
+
+def main():
+    if len(sys.argv) != 2:
+        print("usage: check_results.py RESULTS_JSON", file=sys.stderr)
+        return 2
+    path = sys.argv[1]
+    try:
+        problems = check(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"{path}: cannot be read as bench results: {error!r}", file=sys.stderr)
+        return 1
+    if problems:
+        for problem in problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return 1
+    print(f"{path}: results complete")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -105,6 +105,7 @@ BENCH_SMOKE_DIR := target/bench-smoke
 bench-tools:
 	@test -x "$(OHA)" || cargo install oha --locked --version $(OHA_VERSION)
 	cargo build --release --example bench --example bench_upstream
+	cargo build --release --target $(WASM_TARGET) --example empty_filter
 
 bench: build envoy bench-tools
 	$(BENCH_BIN) --oha $(OHA) --invoked-as 'make bench'

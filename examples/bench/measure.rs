@@ -31,6 +31,8 @@ pub struct Bench {
     pub envoy_bin: PathBuf,
     pub oha: PathBuf,
     pub wasm: PathBuf,
+    /// Module of scenario 0.
+    pub empty_wasm: PathBuf,
     pub repo: PathBuf,
     /// Temp dir for bootstraps, logs, oha output and body files.
     pub work_dir: PathBuf,
@@ -137,8 +139,13 @@ impl Bench {
             side: self.side_port,
             dead: self.dead_port,
         };
-        let yaml =
-            scenario::render_bootstrap(&self.repo.join("bench"), scenario, &ports, &self.wasm)?;
+        let yaml = scenario::render_bootstrap(
+            &self.repo.join("bench"),
+            scenario,
+            &ports,
+            &self.wasm,
+            &self.empty_wasm,
+        )?;
         let mut envoy =
             BenchEnvoy::start(&self.envoy_bin, &yaml, &dir, ports.admin, self.envoy_cpu).await?;
         let startup: StartupTimes = envoy::startup_times(&envoy.log_text());
@@ -274,7 +281,7 @@ fn side_calls(
             .saturating_sub(before.get(name).copied().unwrap_or(0))
     };
     match scenario.setup {
-        Setup::NoFilter => None,
+        Setup::NoFilter | Setup::EmptyFilter => None,
         Setup::Mirror => {
             let completed = delta("cluster.side.upstream_rq_completed");
             let success = delta("cluster.side.upstream_rq_2xx");

@@ -29,6 +29,9 @@ pub enum Setup {
     NoFilter,
     /// Router with the route's `request_mirror_policies` to the side cluster.
     Mirror,
+    /// examples/empty_filter.rs, a proxy-wasm filter that does nothing,
+    /// loaded the way the mesh-fanout filter is.
+    EmptyFilter,
     /// The mesh-fanout filter with a plugin configuration from bench/plugins/.
     Filter {
         /// File name in bench/plugins/.
@@ -46,6 +49,7 @@ impl Setup {
         match self {
             Setup::NoFilter => "router only",
             Setup::Mirror => "request_mirror_policies",
+            Setup::EmptyFilter => "empty proxy-wasm filter (examples/empty_filter.rs)",
             Setup::Filter { .. } => "mesh-fanout",
         }
     }
@@ -189,7 +193,17 @@ const fn with_closed_loop(mut scenario: Scenario) -> Scenario {
 pub const SCENARIOS: &[Scenario] = &[
     smoke(get("1", "no filter", Setup::NoFilter)),
     smoke(get("2", "built-in mirror", Setup::Mirror)),
+    smoke(get("0", "empty proxy-wasm filter", Setup::EmptyFilter)),
     get("3", "shadow, GET", shadow_to("side", 0)),
+    get(
+        "3-sampled-out",
+        "shadow rule matches, sampled out",
+        Setup::Filter {
+            plugin: "sampled-out.json",
+            side_cluster: "side",
+            side_delay_us: 0,
+        },
+    ),
     get(
         "6-slow",
         "shadow, side 10 ms slow",
@@ -279,6 +293,7 @@ pub fn render_bootstrap(
     scenario: &Scenario,
     ports: &Ports,
     wasm: &Path,
+    empty_wasm: &Path,
 ) -> Result<String, String> {
     let template = read_template(bench_dir, "envoy.yaml")?;
     let mirror = match scenario.setup {
@@ -310,6 +325,13 @@ pub fn render_bootstrap(
             check_filled(&wasm_filter, "wasm-filter.yaml")?;
             wasm_filter
         }
+        Setup::EmptyFilter => fill(
+            &read_template(bench_dir, "wasm-filter.yaml")?,
+            &[
+                ("WASM", empty_wasm.display().to_string()),
+                ("PLUGIN_CONFIG", "{}".to_owned()),
+            ],
+        ),
         _ => String::new(),
     };
     let rendered = fill(

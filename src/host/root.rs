@@ -53,7 +53,21 @@ struct AttemptEnd {
     latency_ms: Option<u64>,
     /// False for calls Envoy refused to start.
     was_in_flight: bool,
-    detail: String,
+    /// Envoy's reason for rejecting the call at dispatch; `None` for a call
+    /// that ran, whose log line shows the status instead.
+    rejection: Option<String>,
+}
+
+impl AttemptEnd {
+    /// Formats the failure detail for a log line. Only log lines need it,
+    /// so the common path never builds the string.
+    fn detail(&self) -> String {
+        match (&self.rejection, self.status) {
+            (Some(rejection), _) => rejection.clone(),
+            (None, Some(status)) => format!("status={status}"),
+            (None, None) => "status=-".to_owned(),
+        }
+    }
 }
 
 pub struct Root {
@@ -164,7 +178,7 @@ impl Root {
                     status: None,
                     latency_ms: None,
                     was_in_flight: false,
-                    detail: dispatch::refusal_hint(status, cluster),
+                    rejection: Some(dispatch::refusal_hint(status, cluster)),
                 };
                 self.attempt_ended(call, end, now);
             }
@@ -207,7 +221,7 @@ impl Root {
                     "[{}] retrying after {} ({}) in {delay_ms} ms, attempt {} request_id={}",
                     self.context_id,
                     end.outcome.as_str(),
-                    end.detail,
+                    end.detail(),
                     call.attempt + 1,
                     call.request_id
                 );
@@ -230,7 +244,7 @@ impl Root {
             .metrics
             .outcome(call.rule, call.target, end.outcome);
         if !end.outcome.is_success() {
-            self.log_failure(&call, end.outcome, &end.detail, "side call failed");
+            self.log_failure(&call, &end, "side call failed");
         }
         // Counted first, so the stats agree by the time the client sees
         // a released fan-out response.
@@ -295,11 +309,11 @@ impl Root {
             .metrics
             .dead_letter(call.rule, call.target, end.outcome);
         if !end.outcome.is_success() {
-            self.log_failure(call, end.outcome, &end.detail, "dead letter failed");
+            self.log_failure(call, end, "dead letter failed");
         }
     }
 
-    fn log_failure(&self, call: &SideCall, outcome: Outcome, detail: &str, what: &str) {
+    fn log_failure(&self, call: &SideCall, end: &AttemptEnd, what: &str) {
         let Some(suppressed) = self.worker.allow_log() else {
             return;
         };
@@ -316,9 +330,10 @@ impl Root {
             String::new()
         };
         warn!(
-            "[{}] {what}: rule={rule_name} target={target_name} outcome={} {detail} attempts={} request_id={}{dropped}",
+            "[{}] {what}: rule={rule_name} target={target_name} outcome={} {} attempts={} request_id={}{dropped}",
             self.context_id,
-            outcome.as_str(),
+            end.outcome.as_str(),
+            end.detail(),
             call.attempt,
             call.request_id
         );
@@ -387,16 +402,16 @@ impl Context for Root {
             status,
             latency_ms,
             was_in_flight: true,
-            detail: format!(
-                "status={}",
-                status.map_or("-".to_string(), |s| s.to_string())
-            ),
+            rejection: None,
         };
         self.attempt_ended(call, end, now);
 
-        // This callback runs as the root, so queued calls can go out now
-        // instead of waiting for the next wake-up.
-        self.run();
+        // This callback runs as the root, so queued calls and due retries
+        // can go out now instead of waiting for the next wake-up. With
+        // nothing waiting, skipping `run` saves its clock read.
+        if self.worker.has_queued() || !self.retries.is_empty() || self.draining {
+            self.run();
+        }
     }
 }
 
@@ -448,9 +463,16 @@ impl RootContext for Root {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         if Some(queue_id) == self.worker.wake_queue() {
-            // The messages are empty wake-ups; drain them so the host's
-            // queue does not grow.
-            while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+            // The messages are empty wake-ups, and the worker enqueues one
+            // only when none is pending, so Envoy posts one `on_queue_ready`
+            // per message. Taking one message per call keeps the host's
+            // queue from growing without a second, empty, dequeue.
+            if let Err(status) = hostcalls::dequeue_shared_queue(queue_id) {
+                warn!(
+                    "[{}] dequeuing a wake-up from shared queue {queue_id} failed: {status:?}",
+                    self.context_id
+                );
+            }
         }
         self.run();
     }

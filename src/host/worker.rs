@@ -223,6 +223,10 @@ impl Worker {
         }
     }
 
+    pub fn has_queued(&self) -> bool {
+        !self.queue.borrow().is_empty()
+    }
+
     /// Takes every queued call. The root calls this whenever it runs.
     pub fn take_queued(&self) -> VecDeque<SideCall> {
         self.wake_pending.set(false);

@@ -99,6 +99,7 @@ impl Report {
 
         self.markdown_scenarios(&mut md);
         self.markdown_throughput(&mut md);
+        self.markdown_cpu_steps(&mut md);
         self.markdown_latency(&mut md);
 
         let _ = writeln!(md, "## Targets\n");
@@ -236,6 +237,80 @@ impl Report {
             );
         }
         let _ = writeln!(md);
+    }
+
+    /// Splits the shadow scenario's CPU per request into steps, each the
+    /// difference between two closed-loop runs that differ by that step.
+    fn markdown_cpu_steps(&self, md: &mut String) {
+        let cpu = |id: &str| self.closed(id).map(|run| run.envoy_cpu_us_per_request);
+        let steps = [
+            (
+                "0",
+                "1",
+                "any proxy-wasm filter: a context and its callbacks, per request",
+            ),
+            (
+                "7",
+                "0",
+                "mesh-fanout with no rule matching: reading `:method` and `:path`",
+            ),
+            (
+                "3-sampled-out",
+                "7",
+                "a rule matches: copying the header map, matching, sampling, one counter",
+            ),
+            (
+                "3",
+                "3-sampled-out",
+                "the side call: handoff, dispatch, response, stats",
+            ),
+            ("2", "1", "for comparison, the built-in mirror's side call"),
+        ];
+        let rows: Vec<String> = steps
+            .iter()
+            .filter_map(|(with, without, what)| {
+                let (with_cpu, without_cpu) = (cpu(with)?, cpu(without)?);
+                Some(format!(
+                    "| {with} − {without} | {what} | {:+.1} |",
+                    with_cpu - without_cpu
+                ))
+            })
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "## Where the CPU goes
+"
+        );
+        let _ = writeln!(
+            md,
+            "Envoy CPU µs per request of one closed-loop run minus another's. \
+             Each difference carries the noise of two runs (see 1-again).\n"
+        );
+        let _ = writeln!(md, "| runs | step | µs/req |\n| --- | --- | ---: |");
+        for row in rows {
+            let _ = writeln!(md, "{row}");
+        }
+        if let (Some(none), Some(mirror), Some(empty)) = (cpu("1"), cpu("2"), cpu("0")) {
+            // Throughput at a CPU-bound closed loop is about 1 / (CPU per
+            // request), so a ratio target turns into a CPU allowance.
+            let shadow_allowance = mirror / 0.97 - mirror;
+            let no_match_allowance = none / 0.99 - none;
+            let _ = writeln!(
+                md,
+                "\nWith Envoy's CPU the limit, throughput is about the inverse of CPU per \
+                 request. Shadow at 0.97 × the mirror's throughput then allows {:.1} µs \
+                 per request beyond the mirror's {mirror:.1}, and 0.99 × no filter allows \
+                 {:.1} µs beyond {none:.1}. An empty proxy-wasm filter alone adds {:.1} µs.\n",
+                shadow_allowance,
+                no_match_allowance,
+                empty - none
+            );
+        } else {
+            let _ = writeln!(md);
+        }
     }
 
     fn markdown_latency(&self, md: &mut String) {

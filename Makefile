@@ -77,7 +77,7 @@ unit:
 integration: build build-fault envoy
 	cargo test --tests -- --test-threads 4
 
-test: lint test-wasm32 fuzz-smoke build build-fault envoy test-oci bench-smoke
+test: lint test-wasm32 fuzz-smoke build build-fault envoy test-oci bench-smoke bench-instructions-smoke
 	cargo test --all-targets -- --test-threads 4
 
 # Soak: fixed-rate load on a shadow rule, first with a slow side target,
@@ -99,13 +99,13 @@ OHA             ?= $(or $(shell command -v oha 2>/dev/null),$(or $(CARGO_HOME),$
 BENCH_BIN       := target/release/examples/bench
 BENCH_SMOKE_DIR := target/bench-smoke
 
-.PHONY: bench bench-smoke bench-tools
+.PHONY: bench bench-smoke bench-tools bench-instructions bench-instructions-smoke valgrind-tool
 
 # oha comes from crates.io; compiling it takes several minutes the first time.
 bench-tools:
 	@test -x "$(OHA)" || cargo install oha --locked --version $(OHA_VERSION)
 	cargo build --release --example bench --example bench_upstream
-	cargo build --release --target $(WASM_TARGET) --example empty_filter
+	cargo build --release --target $(WASM_TARGET) --example floor_filter
 
 bench: build envoy bench-tools
 	$(BENCH_BIN) --oha $(OHA) --invoked-as 'make bench'
@@ -116,6 +116,23 @@ bench: build envoy bench-tools
 bench-smoke: build envoy bench-tools
 	$(BENCH_BIN) --smoke --oha $(OHA) --json $(BENCH_SMOKE_DIR)/results.json --markdown $(BENCH_SMOKE_DIR)/benchmarks.md
 	$(PYTHON) bench/check_results.py $(BENCH_SMOKE_DIR)/results.json
+
+# Instructions per request under callgrind, which repeat to within 0.5 %
+# where timed runs move by 10 %: the way to price one change. About 6
+# minutes; writes bench/instructions.json and docs/instructions.md. Needs
+# valgrind (Debian's valgrind package).
+valgrind-tool:
+	@command -v valgrind >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -qq valgrind >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq valgrind >/dev/null 2>&1)); } \
+		|| { echo "valgrind not found: install Debian's valgrind package" >&2; exit 1; }
+
+bench-instructions: build envoy bench-tools valgrind-tool
+	OHA=$(OHA) $(PYTHON) bench/instructions.py --invoked-as 'make bench-instructions'
+
+# Two scenarios with few requests, to check that the script still runs.
+bench-instructions-smoke: build envoy bench-tools valgrind-tool
+	OHA=$(OHA) $(PYTHON) bench/instructions.py --only 1,3 --requests 200 \
+		--json target/bench-smoke/instructions.json --markdown target/bench-smoke/instructions.md
 
 # The lib's unit tests built for wasm32-wasip1, the target the filter ships
 # as, and run by Node.js's WASI through .ci/wasi-runner.mjs: the same

@@ -67,12 +67,17 @@ def check(path):
 def check_side_calls(where, setup, side):
     """Return problems with a run's side calls.
 
-    The mirror and mesh-fanout report side calls; the router alone and the
-    empty filter report none. A mesh-fanout rule that matched must end its
+    The mirror, mesh-fanout and floor_filter with a side cluster report side
+    calls; the router alone and the empty floor_filter report none. A mesh-fanout rule that matched must end its
     side calls as outcomes or skips, and one that never matched (scenario 7)
     makes none.
     """
-    if not (setup == "request_mirror_policies" or setup.startswith("mesh-fanout")):
+    reports = (
+        setup == "request_mirror_policies"
+        or setup.startswith("mesh-fanout")
+        or setup.startswith("floor_filter, one side call")
+    )
+    if not reports:
         return []
     if side is None:
         return [f"{where}: side calls missing"]

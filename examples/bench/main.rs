@@ -73,8 +73,8 @@ options:
   --oha PATH            oha binary (default: $OHA, else oha on PATH)
   --wasm PATH           filter module to load (default: the release build of
                         make build); its size and VM start go into the report
-  --empty-wasm PATH     do-nothing module of scenario 0 (default: the release
-                        build of examples/empty_filter.rs)
+  --floor-wasm PATH     module of scenarios 0 and 0-dispatch (default: the
+                        release build of examples/floor_filter.rs)
   --json PATH           results (default bench/results.json)
   --markdown PATH       report (default docs/benchmarks.md); the plot goes
                         beside it with the extension .svg
@@ -104,8 +104,9 @@ pub struct Options {
     pub oha: Option<PathBuf>,
     /// Module to load instead of the release build.
     pub wasm: Option<PathBuf>,
-    /// Module for scenario 0 instead of the release build of the example.
-    pub empty_wasm: Option<PathBuf>,
+    /// Module for scenarios 0 and 0-dispatch instead of the release build
+    /// of the example.
+    pub floor_wasm: Option<PathBuf>,
     pub json: PathBuf,
     pub markdown: PathBuf,
     pub invoked_as: Option<String>,
@@ -127,7 +128,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>, String> {
         load_cpu: 1,
         oha: None,
         wasm: None,
-        empty_wasm: None,
+        floor_wasm: None,
         json: PathBuf::from("bench/results.json"),
         markdown: PathBuf::from("docs/benchmarks.md"),
         invoked_as: None,
@@ -174,7 +175,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>, String> {
             "--load-cpu" => options.load_cpu = parse_number(flag, &value()?)?,
             "--oha" => options.oha = Some(PathBuf::from(value()?)),
             "--wasm" => options.wasm = Some(PathBuf::from(value()?)),
-            "--empty-wasm" => options.empty_wasm = Some(PathBuf::from(value()?)),
+            "--floor-wasm" => options.floor_wasm = Some(PathBuf::from(value()?)),
             "--json" => options.json = PathBuf::from(value()?),
             "--markdown" => options.markdown = PathBuf::from(value()?),
             "--invoked-as" => options.invoked_as = Some(value()?),
@@ -275,7 +276,7 @@ async fn execute(
         Some(path) => return Err(format!("--wasm {} not found", path.display())),
         None => try_wasm_path()?,
     };
-    let empty_wasm = find_empty_wasm(repo, options.empty_wasm.as_deref())?;
+    let floor_wasm = find_floor_wasm(repo, options.floor_wasm.as_deref())?;
     let oha = find_oha(options.oha.as_deref())?;
     let online_cpus = process::online_cpus();
     let (envoy_cpu, load_cpu) = choose_cpus(options, online_cpus)?;
@@ -298,7 +299,7 @@ async fn execute(
         envoy_bin,
         oha,
         wasm,
-        empty_wasm,
+        floor_wasm,
         repo: repo.to_owned(),
         work_dir: work_dir.to_owned(),
         envoy_cpu,
@@ -501,16 +502,17 @@ fn fixed_rates(results: &[ScenarioResult], fraction: f64) -> BTreeMap<String, f6
         .collect()
 }
 
-/// Finds the module of scenario 0, which `make bench-tools` builds.
-fn find_empty_wasm(repo: &Path, option: Option<&Path>) -> Result<PathBuf, String> {
+/// Finds the module of scenarios 0 and 0-dispatch, which `make bench-tools`
+/// builds.
+fn find_floor_wasm(repo: &Path, option: Option<&Path>) -> Result<PathBuf, String> {
     let path = match option {
         Some(path) => path.to_owned(),
-        None => repo.join("target/wasm32-wasip1/release/examples/empty_filter.wasm"),
+        None => repo.join("target/wasm32-wasip1/release/examples/floor_filter.wasm"),
     };
     if !path.is_file() {
         return Err(format!(
-            "empty filter module {} not found; build it with \
-             `cargo build --release --target wasm32-wasip1 --example empty_filter`",
+            "floor filter module {} not found; build it with \
+             `cargo build --release --target wasm32-wasip1 --example floor_filter`",
             path.display()
         ));
     }

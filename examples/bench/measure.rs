@@ -31,8 +31,8 @@ pub struct Bench {
     pub envoy_bin: PathBuf,
     pub oha: PathBuf,
     pub wasm: PathBuf,
-    /// Module of scenario 0.
-    pub empty_wasm: PathBuf,
+    /// Module of the scenarios 0 and 0-dispatch.
+    pub floor_wasm: PathBuf,
     pub repo: PathBuf,
     /// Temp dir for bootstraps, logs, oha output and body files.
     pub work_dir: PathBuf,
@@ -144,7 +144,7 @@ impl Bench {
             scenario,
             &ports,
             &self.wasm,
-            &self.empty_wasm,
+            &self.floor_wasm,
         )?;
         let mut envoy =
             BenchEnvoy::start(&self.envoy_bin, &yaml, &dir, ports.admin, self.envoy_cpu).await?;
@@ -281,8 +281,15 @@ fn side_calls(
             .saturating_sub(before.get(name).copied().unwrap_or(0))
     };
     match scenario.setup {
-        Setup::NoFilter | Setup::EmptyFilter => None,
-        Setup::Mirror => {
+        Setup::NoFilter
+        | Setup::Floor {
+            side_cluster: None, ..
+        } => None,
+        Setup::Mirror
+        | Setup::Floor {
+            side_cluster: Some(_),
+            ..
+        } => {
             let completed = delta("cluster.side.upstream_rq_completed");
             let success = delta("cluster.side.upstream_rq_2xx");
             Some(SideCalls {

@@ -18,6 +18,10 @@ pub const FANOUT_SIDE_DELAY_US: u64 = 5_000;
 /// 1's p50 this delay is.
 pub const SLOW_SIDE_DELAY_US: u64 = 10_000;
 
+/// Host clock reads per request in scenario 0-calls, which prices one host
+/// call as (0-calls − 0) / this.
+pub const FLOOR_CLOCK_READS: u32 = 20;
+
 /// Request path of every scenario. The shadow and fan-out rules match it,
 /// the no-match rule does not.
 pub const REQUEST_PATH: &str = "/bench";
@@ -29,9 +33,14 @@ pub enum Setup {
     NoFilter,
     /// Router with the route's `request_mirror_policies` to the side cluster.
     Mirror,
-    /// examples/empty_filter.rs, a proxy-wasm filter that does nothing,
-    /// loaded the way the mesh-fanout filter is.
-    EmptyFilter,
+    /// examples/floor_filter.rs, loaded the way the mesh-fanout filter is.
+    /// It does nothing, or with a side cluster, sends each request there
+    /// the cheapest way proxy-wasm can.
+    Floor {
+        side_cluster: Option<&'static str>,
+        /// Host clock reads per request, to price one host call.
+        clock_reads: u32,
+    },
     /// The mesh-fanout filter with a plugin configuration from bench/plugins/.
     Filter {
         /// File name in bench/plugins/.
@@ -49,7 +58,14 @@ impl Setup {
         match self {
             Setup::NoFilter => "router only",
             Setup::Mirror => "request_mirror_policies",
-            Setup::EmptyFilter => "empty proxy-wasm filter (examples/empty_filter.rs)",
+            Setup::Floor {
+                side_cluster: Some(_),
+                ..
+            } => "floor_filter, one side call (examples/floor_filter.rs)",
+            Setup::Floor {
+                clock_reads: 1.., ..
+            } => "floor_filter, host clock reads (examples/floor_filter.rs)",
+            Setup::Floor { .. } => "floor_filter, empty (examples/floor_filter.rs)",
             Setup::Filter { .. } => "mesh-fanout",
         }
     }
@@ -193,7 +209,30 @@ const fn with_closed_loop(mut scenario: Scenario) -> Scenario {
 pub const SCENARIOS: &[Scenario] = &[
     smoke(get("1", "no filter", Setup::NoFilter)),
     smoke(get("2", "built-in mirror", Setup::Mirror)),
-    smoke(get("0", "empty proxy-wasm filter", Setup::EmptyFilter)),
+    smoke(get(
+        "0",
+        "empty proxy-wasm filter",
+        Setup::Floor {
+            side_cluster: None,
+            clock_reads: 0,
+        },
+    )),
+    get(
+        "0-calls",
+        "empty filter, 20 host calls",
+        Setup::Floor {
+            side_cluster: None,
+            clock_reads: FLOOR_CLOCK_READS,
+        },
+    ),
+    get(
+        "0-dispatch",
+        "minimal proxy-wasm side call",
+        Setup::Floor {
+            side_cluster: Some("side"),
+            clock_reads: 0,
+        },
+    ),
     get("3", "shadow, GET", shadow_to("side", 0)),
     get(
         "3-sampled-out",
@@ -293,7 +332,7 @@ pub fn render_bootstrap(
     scenario: &Scenario,
     ports: &Ports,
     wasm: &Path,
-    empty_wasm: &Path,
+    floor_wasm: &Path,
 ) -> Result<String, String> {
     let template = read_template(bench_dir, "envoy.yaml")?;
     let mirror = match scenario.setup {
@@ -325,11 +364,22 @@ pub fn render_bootstrap(
             check_filled(&wasm_filter, "wasm-filter.yaml")?;
             wasm_filter
         }
-        Setup::EmptyFilter => fill(
+        Setup::Floor {
+            side_cluster,
+            clock_reads,
+        } => fill(
             &read_template(bench_dir, "wasm-filter.yaml")?,
             &[
-                ("WASM", empty_wasm.display().to_string()),
-                ("PLUGIN_CONFIG", "{}".to_owned()),
+                ("WASM", floor_wasm.display().to_string()),
+                (
+                    "PLUGIN_CONFIG",
+                    match side_cluster {
+                        Some(cluster) => format!(
+                            r#"{{"side_cluster": "{cluster}", "clock_reads": {clock_reads}}}"#
+                        ),
+                        None => format!(r#"{{"clock_reads": {clock_reads}}}"#),
+                    },
+                ),
             ],
         ),
         _ => String::new(),

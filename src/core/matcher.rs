@@ -60,6 +60,17 @@ impl RequestMatcher {
 
         self.headers.iter().all(|h| h.matches(request_headers))
     }
+
+    /// Reports whether every method and every origin-form path (one that
+    /// starts with `/`) pass the method and path conditions.
+    pub fn accepts_any_method_and_path(&self) -> bool {
+        let any_path = match &self.path {
+            None => true,
+            Some(PathMatcher::Prefix(prefix)) => prefix.is_empty() || prefix == "/",
+            Some(_) => false,
+        };
+        self.methods.is_empty() && any_path
+    }
 }
 
 impl PathMatcher {

@@ -87,7 +87,7 @@ impl Stream {
         let Some(active) = self.active.clone() else {
             return;
         };
-        if !active.config.match_needs_headers
+        if active.config.method_path_prefilter
             && !active.config.strip_incoming_marker
             && !could_match(&active)
         {

@@ -244,27 +244,29 @@ impl Report {
     fn markdown_cpu_steps(&self, md: &mut String) {
         let cpu = |id: &str| self.closed(id).map(|run| run.envoy_cpu_us_per_request);
         let steps = [
+            ("0", "1", "any proxy-wasm filter: a context and its callbacks, per request"),
+            ("2", "1", "the built-in mirror's side call"),
             (
+                "0-dispatch",
                 "0",
-                "1",
-                "any proxy-wasm filter: a context and its callbacks, per request",
+                "the cheapest proxy-wasm side call: one header copy, the dispatch, Envoy's async client",
             ),
-            (
-                "7",
-                "0",
-                "mesh-fanout with no rule matching: reading `:method` and `:path`",
-            ),
+            ("7", "0", "mesh-fanout with no rule matching: reading `:method` and `:path`"),
             (
                 "3-sampled-out",
                 "7",
-                "a rule matches: copying the header map, matching, sampling, one counter",
+                "a mesh-fanout rule matches: copying the header map, matching, sampling, two counters",
             ),
             (
                 "3",
                 "3-sampled-out",
-                "the side call: handoff, dispatch, response, stats",
+                "mesh-fanout's side call: handoff to the root, dispatch, response, stats",
             ),
-            ("2", "1", "for comparison, the built-in mirror's side call"),
+            (
+                "3",
+                "0-dispatch",
+                "mesh-fanout's shadow beyond the cheapest proxy-wasm side call",
+            ),
         ];
         let rows: Vec<String> = steps
             .iter()
@@ -292,6 +294,15 @@ impl Report {
         let _ = writeln!(md, "| runs | step | µs/req |\n| --- | --- | ---: |");
         for row in rows {
             let _ = writeln!(md, "{row}");
+        }
+        if let (Some(calls), Some(empty)) = (cpu("0-calls"), cpu("0")) {
+            let _ = writeln!(
+                md,
+                "\n0-calls − 0 prices one host call (a clock read) at {:.2} µs, \
+                 from {} reads per request.",
+                (calls - empty) / f64::from(scenario::FLOOR_CLOCK_READS),
+                scenario::FLOOR_CLOCK_READS
+            );
         }
         if let (Some(none), Some(mirror), Some(empty)) = (cpu("1"), cpu("2"), cpu("0")) {
             // Throughput at a CPU-bound closed loop is about 1 / (CPU per

@@ -12,7 +12,7 @@ sends a warm-up with oha, switches instrumentation on, sends the measured
 requests, and divides the instructions of the dump by the responses. It
 writes bench/instructions.json and docs/instructions.md.
 
-    python3 bench/instructions.py [--requests N] [--only ID,ID] [--json F] [--markdown F]
+    python3 bench/instructions.py [--requests N] [--only ID,ID] [--wasm F] [--json F] [--markdown F]
 """
 
 import argparse
@@ -288,6 +288,8 @@ def main():
     parser.add_argument("--json", default=os.path.join(BENCH, "instructions.json"))
     parser.add_argument("--markdown", default=os.path.join(REPO, "docs/instructions.md"))
     parser.add_argument("--invoked-as", default="python3 bench/instructions.py")
+    parser.add_argument("--wasm", help="mesh-fanout module to count instead of the release "
+                        "build, for example a variant of a change")
     options = parser.parse_args()
 
     for tool in ("valgrind", "callgrind_control"):
@@ -304,6 +306,11 @@ def main():
     envoy_version = subprocess.run([envoy, "--version"], capture_output=True, text=True,
                                    check=True).stdout.split("version:")[-1].strip()
     selected = SCENARIOS
+    if options.wasm:
+        if not os.path.exists(options.wasm):
+            sys.exit(f"--wasm {options.wasm} not found")
+        module = os.path.abspath(options.wasm)
+        selected = [(i, t, module if m == WASM else m, p, b) for i, t, m, p, b in selected]
     if options.only:
         wanted = options.only.split(",")
         unknown = [w for w in wanted if w not in {s[0] for s in SCENARIOS}]

@@ -10,6 +10,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use super::headers;
+use super::json_path;
 use super::matcher::{self, HeaderMatcher, PathMatcher, RequestMatcher, ValueMatcher};
 use super::outcome::Outcome;
 use super::retry::{RetryPolicy, MAX_ATTEMPTS};
@@ -195,31 +196,11 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ConfigError> {
     compile(raw)
 }
 
-/// Runs serde with path tracking, so type errors name the field.
+/// Runs serde, then names the field that an error is about by scanning
+/// the JSON text up to the error's position.
 fn deserialize(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let raw = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-        let mut path = e.path().to_string();
-        let inner = e.into_inner();
-        let syntax = inner.is_syntax() || inner.is_eof();
-        let message = readable_types(&inner.to_string());
-        // serde reports a missing field at its parent; point at the field.
-        if let Some(field) = missing_field_name(&message) {
-            path = if path == "." {
-                field.to_string()
-            } else {
-                format!("{path}.{field}")
-            };
-            return error(path, "missing");
-        }
-        if syntax {
-            return error("", format!("invalid JSON: {message}"));
-        }
-        if path == "." {
-            return error("", message);
-        }
-        error(path, strip_position(&message))
-    })?;
+    let raw = RawConfig::deserialize(&mut deserializer).map_err(|e| describe(bytes, &e))?;
     deserializer.end().map_err(|e| {
         error(
             "",
@@ -227,6 +208,41 @@ fn deserialize(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
         )
     })?;
     Ok(raw)
+}
+
+/// Turns a serde_json error into a `ConfigError` with the same path and
+/// message that serde_path_to_error 0.1 gave.
+fn describe(bytes: &[u8], e: &serde_json::Error) -> ConfigError {
+    let message = readable_types(&e.to_string());
+    // An error without a position (line 0) gets the root path.
+    let offset = json_path::offset_at(bytes, e.line(), e.column()).unwrap_or(0);
+    let scanned = json_path::path_at(bytes, offset);
+    // serde_json stops right after the key for an unknown field, and the
+    // path names that key. It stops there too for a duplicate field and for
+    // an unknown variant written as `{"variant": ...}`, but these are
+    // errors of the enclosing object.
+    let path = if message.starts_with("unknown field `") {
+        scanned.reopen_closed_after_key()
+    } else {
+        scanned.without_pending_key()
+    };
+    // serde_json reports a missing field after the `}` of its struct, so
+    // the field's name is appended to the struct's path.
+    if let Some(field) = missing_field_name(&message) {
+        let path = if path.is_root() {
+            field.to_string()
+        } else {
+            format!("{path}.{field}")
+        };
+        return error(path, "missing");
+    }
+    if e.is_syntax() || e.is_eof() {
+        return error("", format!("invalid JSON: {message}"));
+    }
+    if path.is_root() {
+        return error("", message);
+    }
+    error(path.to_string(), strip_position(&message))
 }
 
 /// Replaces Rust type names in serde's messages with JSON terms.
@@ -1151,6 +1167,9 @@ fn check_path_value(field: &str, value: &str) -> Result<(), ConfigError> {
 pub fn json_schema() -> String {
     format!("{:#}\n", schemars::schema_for!(RawConfig).as_value())
 }
+
+#[cfg(test)]
+mod error_path_tests;
 
 #[cfg(test)]
 mod tests {

@@ -16,6 +16,8 @@ use super::outcome::Outcome;
 use super::retry::{RetryPolicy, MAX_ATTEMPTS};
 use super::sampling::Rate;
 
+mod object_only;
+
 pub const DEFAULT_MARKER_HEADER: &str = "x-mesh-fanout";
 pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
 pub const MAX_TIMEOUT_MS: u64 = 600_000;
@@ -200,7 +202,11 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ConfigError> {
 /// the JSON text up to the error's position.
 fn deserialize(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let raw = RawConfig::deserialize(&mut deserializer).map_err(|e| describe(bytes, &e))?;
+    // The trait method reads structs through `ObjectOnly`, and the
+    // inherent `RawConfig::deserialize` that `remote = "Self"` derives
+    // would not.
+    let raw = <RawConfig as Deserialize>::deserialize(&mut deserializer)
+        .map_err(|e| describe(bytes, &e))?;
     deserializer.end().map_err(|e| {
         error(
             "",
@@ -276,7 +282,7 @@ fn strip_position(message: &str) -> String {
         description = "Plugin configuration of the mesh-fanout Envoy filter. README.md describes every field."
     )
 )]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 struct RawConfig {
     #[serde(default = "default_marker_header")]
     marker_header: String,
@@ -293,7 +299,7 @@ struct RawConfig {
     derive(schemars::JsonSchema),
     schemars(rename = "Limits")
 )]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 struct RawLimits {
     #[serde(default = "default_max_in_flight")]
     #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_LIMIT_VALUE)))]
@@ -320,7 +326,7 @@ fn default_min_retry_concurrency() -> u32 {
     derive(schemars::JsonSchema),
     schemars(rename = "Retry")
 )]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 struct RawRetry {
     attempts: u32,
     #[serde(default)]
@@ -335,7 +341,7 @@ struct RawRetry {
     derive(schemars::JsonSchema),
     schemars(rename = "Backoff")
 )]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 struct RawBackoff {
     #[serde(default = "default_backoff_base")]
     base: u64,
@@ -370,7 +376,7 @@ fn default_retry_on() -> Vec<String> {
     derive(schemars::JsonSchema),
     schemars(rename = "DeadLetter")
 )]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 struct RawDeadLetter {
     cluster: String,
     #[serde(default = "default_dead_letter_path")]
@@ -407,7 +413,7 @@ fn default_max_body_bytes_per_worker() -> u64 {
     derive(schemars::JsonSchema),
     schemars(rename = "Rule")
 )]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 struct RawRule {
     #[cfg_attr(feature = "schema", schemars(length(min = 1, max = MAX_NAME_LEN), regex(pattern = r"^[A-Za-z0-9_-]+$")))]
     name: String,
@@ -427,7 +433,7 @@ struct RawRule {
     derive(schemars::JsonSchema),
     schemars(rename = "Match")
 )]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 struct RawMatch {
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(inner(regex(pattern = r"^[A-Z_-]+$"))))]
@@ -443,7 +449,7 @@ struct RawMatch {
     derive(schemars::JsonSchema),
     schemars(rename = "PathMatch", extend("minProperties" = 1, "maxProperties" = 1))
 )]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 struct RawPathMatch {
     prefix: Option<String>,
     exact: Option<String>,
@@ -456,7 +462,7 @@ struct RawPathMatch {
     derive(schemars::JsonSchema),
     schemars(rename = "HeaderMatch", extend("minProperties" = 2, "maxProperties" = 2))
 )]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 struct RawHeaderMatch {
     name: String,
     exact: Option<String>,
@@ -471,7 +477,7 @@ struct RawHeaderMatch {
     derive(schemars::JsonSchema),
     schemars(rename = "Target")
 )]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 struct RawTarget {
     #[cfg_attr(feature = "schema", schemars(length(min = 1, max = MAX_NAME_LEN), regex(pattern = r"^[A-Za-z0-9_-]+$")))]
     name: String,
@@ -509,13 +515,27 @@ struct RawTarget {
     derive(schemars::JsonSchema),
     schemars(rename = "HeaderEdits")
 )]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 struct RawHeaderEdits {
     #[serde(default)]
     set: BTreeMap<String, String>,
     #[serde(default)]
     remove: Vec<String>,
 }
+
+object_only::deserialize_from_object!(
+    RawConfig,
+    RawLimits,
+    RawRetry,
+    RawBackoff,
+    RawDeadLetter,
+    RawRule,
+    RawMatch,
+    RawPathMatch,
+    RawHeaderMatch,
+    RawTarget,
+    RawHeaderEdits,
+);
 
 fn default_marker_header() -> String {
     DEFAULT_MARKER_HEADER.to_string()
@@ -1270,6 +1290,21 @@ mod tests {
         assert!(
             message.starts_with("rules[0].targets[0].timeout_ms: invalid type"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn struct_as_array_rejected() {
+        let message = parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "retry": {"attempts": 2, "backoff_ms": [50, 1000]}}"#,
+        ));
+        assert_eq!(
+            message,
+            "rules[0].targets[0].retry.backoff_ms: invalid type: sequence, expected struct RawBackoff"
+        );
+        assert_eq!(
+            parse_err(r#"{"rules": [["r", {}, "shadow"]]}"#),
+            "rules[0]: invalid type: sequence, expected struct RawRule"
         );
     }
 

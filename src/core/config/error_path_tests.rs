@@ -42,7 +42,7 @@ fn reference_error(bytes: &[u8]) -> Option<ConfigError> {
 
 fn scanned_error(bytes: &[u8]) -> Option<ConfigError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    RawConfig::deserialize(&mut deserializer)
+    <RawConfig as Deserialize>::deserialize(&mut deserializer)
         .err()
         .map(|e| describe(bytes, &e))
 }

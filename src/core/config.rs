@@ -4,7 +4,6 @@
 //! Every error names the field by its JSON path, for example
 //! `rules[0].targets[1].cluster: missing`, and says how to fix it.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Deserialize;
@@ -17,6 +16,9 @@ use super::retry::{RetryPolicy, MAX_ATTEMPTS};
 use super::sampling::Rate;
 
 mod object_only;
+mod sorted_map;
+
+use sorted_map::SortedStringMap;
 
 pub const DEFAULT_MARKER_HEADER: &str = "x-mesh-fanout";
 pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
@@ -518,7 +520,11 @@ struct RawTarget {
 #[serde(deny_unknown_fields, remote = "Self")]
 struct RawHeaderEdits {
     #[serde(default)]
-    set: BTreeMap<String, String>,
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "std::collections::BTreeMap<String, String>")
+    )]
+    set: SortedStringMap,
     #[serde(default)]
     remove: Vec<String>,
 }
@@ -1056,8 +1062,8 @@ fn compile_header_edits(
     raw: RawHeaderEdits,
     marker_header: &str,
 ) -> Result<HeaderEdits, ConfigError> {
-    let mut set = Vec::with_capacity(raw.set.len());
-    for (name, value) in raw.set {
+    let mut set = Vec::with_capacity(raw.set.0.len());
+    for (name, value) in raw.set.0 {
         let field = if !name.bytes().any(|b| b.is_ascii_control() || b == b'"') {
             format!("{path}.set.{name}")
         } else {
@@ -1819,6 +1825,19 @@ mod tests {
             r#"{"name": "t", "cluster": "c", "headers": {"set": {"X-A": "1", "x-a": "2"}}}"#
         ))
         .contains("set twice"));
+    }
+
+    #[test]
+    fn header_set_sorted_last_value_wins() {
+        let parsed = parse(one_target(r#"{"name": "t", "cluster": "c", "headers": {"set": {"x-b": "1", "x-a": "2", "x-b": "3"}}}"#).as_bytes()).unwrap();
+        let target = &parsed.config.rules[0].targets[0];
+        assert_eq!(
+            target.set_headers,
+            vec![
+                ("x-a".to_string(), "2".to_string()),
+                ("x-b".to_string(), "3".to_string())
+            ]
+        );
     }
 
     #[test]

@@ -62,6 +62,21 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Joins a parent path and a field name: `rules[0]` and `name` give
+/// `rules[0].name`. Out of line, it keeps the release module about 1 KB
+/// smaller than a `format!` at each of its call sites.
+#[inline(never)]
+fn field(path: &str, name: &str) -> String {
+    let mut joined = String::with_capacity(path.len() + 1 + name.len());
+    joined.push_str(path);
+    joined.push('.');
+    joined.push_str(name);
+    joined
+}
+
+// Out of line, the release module is about 1 KB smaller than with this
+// inlined at each of its call sites (rustc 1.95, `make build`).
+#[inline(never)]
 fn error(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError {
         path: path.into(),
@@ -253,12 +268,31 @@ fn describe(bytes: &[u8], e: &serde_json::Error) -> ConfigError {
     error(path.to_string(), strip_position(&message))
 }
 
-/// Replaces Rust type names in serde's messages with JSON terms.
+/// Rust type names in serde's messages and the JSON terms that replace
+/// them. No replacement contains another entry's pattern.
+const JSON_TERMS: [(&str, &str); 3] = [
+    ("expected f64", "expected a number"),
+    ("expected u64", "expected a whole number of at least 0"),
+    ("expected a boolean", "expected true or false"),
+];
+
+/// Replaces Rust type names in serde's messages with JSON terms, every
+/// occurrence, as chained `str::replace` calls would. A scan for `e` keeps
+/// the substring searcher that `str::replace` needs out of the module.
 fn readable_types(message: &str) -> String {
-    message
-        .replace("expected f64", "expected a number")
-        .replace("expected u64", "expected a whole number of at least 0")
-        .replace("expected a boolean", "expected true or false")
+    let mut readable = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some((before, from_e)) = rest.find('e').and_then(|i| rest.split_at_checked(i)) {
+        readable.push_str(before);
+        let (skipped, replacement) = JSON_TERMS
+            .iter()
+            .find(|(rust, _)| from_e.starts_with(rust))
+            .map_or(("e", "e"), |(rust, json)| (*rust, *json));
+        readable.push_str(replacement);
+        rest = from_e.get(skipped.len()..).unwrap_or_default();
+    }
+    readable.push_str(rest);
+    readable
 }
 
 fn missing_field_name(message: &str) -> Option<&str> {
@@ -368,8 +402,9 @@ fn default_backoff_max() -> u64 {
 }
 fn default_retry_on() -> Vec<String> {
     ["5xx", "reset", "timeout", "overflow"]
+        .into_iter()
         .map(String::from)
-        .to_vec()
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -589,7 +624,7 @@ fn compile(raw: RawConfig) -> Result<Parsed, ConfigError> {
         let rule = compile_rule(&path, raw_rule, &raw.marker_header, &mut warnings)?;
         if let Some(previous) = rules.iter().position(|r: &Rule| r.name == rule.name) {
             return Err(error(
-                format!("{path}.name"),
+                field(&path, "name"),
                 format!(
                     "duplicate name {:?} (also rules[{previous}]); give each rule a unique name",
                     rule.name
@@ -667,31 +702,31 @@ fn compile_rule(
     marker_header: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Rule, ConfigError> {
-    check_name(&format!("{path}.name"), &raw.name)?;
+    check_name(&field(path, "name"), &raw.name)?;
 
     if raw.mode == Mode::Shadow {
         if raw.on_failure.is_some() {
             return Err(error(
-                format!("{path}.on_failure"),
+                field(path, "on_failure"),
                 "only fan-out rules wait for targets; set \"mode\": \"fanout\" or remove `on_failure`",
             ));
         }
         if raw.result_header.is_some() {
             return Err(error(
-                format!("{path}.result_header"),
+                field(path, "result_header"),
                 "only fan-out rules report target results; set \"mode\": \"fanout\" or remove `result_header`",
             ));
         }
     }
     if let Some(name) = &raw.result_header {
-        check_editable_header(&format!("{path}.result_header"), name, marker_header)?;
+        check_editable_header(&field(path, "result_header"), name, marker_header)?;
     }
 
-    let matcher = compile_match(&format!("{path}.match"), raw.match_)?;
+    let matcher = compile_match(&field(path, "match"), raw.match_)?;
 
     if raw.targets.is_empty() {
         return Err(error(
-            format!("{path}.targets"),
+            field(path, "targets"),
             "empty; add at least one target",
         ));
     }
@@ -701,7 +736,7 @@ fn compile_rule(
         let target = compile_target(&target_path, raw_target, marker_header, raw.mode)?;
         if let Some(previous) = targets.iter().position(|t| t.name == target.name) {
             return Err(error(
-                format!("{target_path}.name"),
+                field(&target_path, "name"),
                 format!(
                     "duplicate name {:?} (also {path}.targets[{previous}]); give each target in a rule a unique name",
                     target.name
@@ -747,7 +782,7 @@ fn compile_match(path: &str, raw: RawMatch) -> Result<RequestMatcher, ConfigErro
 
     let path_matcher = match raw.path {
         None => None,
-        Some(p) => Some(compile_path_match(&format!("{path}.path"), p)?),
+        Some(p) => Some(compile_path_match(&field(path, "path"), p)?),
     };
 
     let mut header_matchers = Vec::with_capacity(raw.headers.len());
@@ -765,14 +800,14 @@ fn compile_match(path: &str, raw: RawMatch) -> Result<RequestMatcher, ConfigErro
 fn compile_path_match(path: &str, raw: RawPathMatch) -> Result<PathMatcher, ConfigError> {
     let matcher = match (raw.prefix, raw.exact, raw.regex) {
         (Some(prefix), None, None) => {
-            check_path_value(&format!("{path}.prefix"), &prefix)?;
+            check_path_value(&field(path, "prefix"), &prefix)?;
             PathMatcher::Prefix(prefix)
         }
         (None, Some(exact), None) => {
-            check_path_value(&format!("{path}.exact"), &exact)?;
+            check_path_value(&field(path, "exact"), &exact)?;
             if exact.contains('?') {
                 return Err(error(
-                    format!("{path}.exact"),
+                    field(path, "exact"),
                     format!("{exact:?} contains a query string, but `exact` compares the path without it; remove the query or use `prefix`"),
                 ));
             }
@@ -781,7 +816,7 @@ fn compile_path_match(path: &str, raw: RawPathMatch) -> Result<PathMatcher, Conf
         (None, None, Some(regex)) => {
             PathMatcher::Regex(matcher::compile_full_match(&regex).map_err(|e| {
                 error(
-                    format!("{path}.regex"),
+                    field(path, "regex"),
                     format!("invalid regex {regex:?}: {e}"),
                 )
             })?)
@@ -798,7 +833,7 @@ fn compile_path_match(path: &str, raw: RawPathMatch) -> Result<PathMatcher, Conf
 
 fn compile_header_match(path: &str, raw: RawHeaderMatch) -> Result<HeaderMatcher, ConfigError> {
     let name = raw.name.to_ascii_lowercase();
-    check_header_name(&format!("{path}.name"), &name)?;
+    check_header_name(&field(path, "name"), &name)?;
 
     let value = match (raw.exact, raw.prefix, raw.regex, raw.present) {
         (Some(exact), None, None, None) => ValueMatcher::Exact(exact.into_bytes()),
@@ -806,7 +841,7 @@ fn compile_header_match(path: &str, raw: RawHeaderMatch) -> Result<HeaderMatcher
         (None, None, Some(regex), None) => {
             ValueMatcher::Regex(matcher::compile_full_match(&regex).map_err(|e| {
                 error(
-                    format!("{path}.regex"),
+                    field(path, "regex"),
                     format!("invalid regex {regex:?}: {e}"),
                 )
             })?)
@@ -828,13 +863,13 @@ fn compile_target(
     marker_header: &str,
     mode: Mode,
 ) -> Result<Target, ConfigError> {
-    check_name(&format!("{path}.name"), &raw.name)?;
+    check_name(&field(path, "name"), &raw.name)?;
 
     // Fan-out targets are awaited unless they opt out; shadow targets never are.
     let awaited = match (mode, raw.awaited) {
         (Mode::Shadow, Some(true)) => {
             return Err(error(
-                format!("{path}.await"),
+                field(path, "await"),
                 "shadow rules never wait for targets; set the rule's \"mode\" to \"fanout\" or remove `await`",
             ));
         }
@@ -844,7 +879,7 @@ fn compile_target(
 
     if raw.cluster.is_empty() {
         return Err(error(
-            format!("{path}.cluster"),
+            field(path, "cluster"),
             "empty; name an Envoy cluster",
         ));
     }
@@ -854,7 +889,7 @@ fn compile_target(
         .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
     {
         return Err(error(
-            format!("{path}.cluster"),
+            field(path, "cluster"),
             format!(
                 "invalid cluster name {:?}; cluster names contain no spaces or control characters",
                 raw.cluster
@@ -864,7 +899,7 @@ fn compile_target(
 
     if raw.timeout_ms == 0 || raw.timeout_ms > MAX_TIMEOUT_MS {
         return Err(error(
-            format!("{path}.timeout_ms"),
+            field(path, "timeout_ms"),
             format!(
                 "{} is out of range; use 1 to {MAX_TIMEOUT_MS}",
                 raw.timeout_ms
@@ -874,7 +909,7 @@ fn compile_target(
 
     if !raw.sample_percent.is_finite() || !(0.0..=100.0).contains(&raw.sample_percent) {
         return Err(error(
-            format!("{path}.sample_percent"),
+            field(path, "sample_percent"),
             format!("{} is out of range; use 0 to 100", raw.sample_percent),
         ));
     }
@@ -882,7 +917,7 @@ fn compile_target(
     let sample_rate = Rate::from_percent(raw.sample_percent);
     if raw.sample_percent > 0.0 && sample_rate.never() {
         return Err(error(
-            format!("{path}.sample_percent"),
+            field(path, "sample_percent"),
             format!(
                 "{} rounds to 0 and would never sample; use 0 to turn the target off or at least 0.0001",
                 raw.sample_percent
@@ -891,7 +926,7 @@ fn compile_target(
     }
 
     let sample_key = raw.sample_key.to_ascii_lowercase();
-    check_header_name(&format!("{path}.sample_key"), &sample_key)?;
+    check_header_name(&field(path, "sample_key"), &sample_key)?;
 
     if let Some(authority) = &raw.authority {
         let valid = !authority.is_empty()
@@ -900,22 +935,22 @@ fn compile_target(
                 .any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
         if !valid {
             return Err(error(
-                format!("{path}.authority"),
+                field(path, "authority"),
                 format!("invalid authority {authority:?}; use a host or host:port"),
             ));
         }
     }
 
     if let Some(side_path) = &raw.path {
-        check_path_value(&format!("{path}.path"), side_path)?;
+        check_path_value(&field(path, "path"), side_path)?;
     }
 
     let (set_headers, remove_headers) =
-        compile_header_edits(&format!("{path}.headers"), raw.headers, marker_header)?;
+        compile_header_edits(&field(path, "headers"), raw.headers, marker_header)?;
 
     if raw.max_body_bytes > MAX_BODY_BYTES_LIMIT {
         return Err(error(
-            format!("{path}.max_body_bytes"),
+            field(path, "max_body_bytes"),
             format!(
                 "{} is out of range; use 0 to {MAX_BODY_BYTES_LIMIT}",
                 raw.max_body_bytes
@@ -924,20 +959,20 @@ fn compile_target(
     }
     let max_body_bytes = usize::try_from(raw.max_body_bytes).map_err(|_| {
         error(
-            format!("{path}.max_body_bytes"),
+            field(path, "max_body_bytes"),
             format!("{} does not fit this platform's memory", raw.max_body_bytes),
         )
     })?;
 
     let retry = match raw.retry {
         None => None,
-        Some(r) => Some(compile_retry(&format!("{path}.retry"), r)?),
+        Some(r) => Some(compile_retry(&field(path, "retry"), r)?),
     };
     let idempotency_header = match raw.idempotency_header {
         None => None,
         Some(name) => {
             let name = name.to_ascii_lowercase();
-            let field = format!("{path}.idempotency_header");
+            let field = field(path, "idempotency_header");
             check_editable_header(&field, &name, marker_header)?;
             if set_headers.iter().any(|(set, _)| *set == name) {
                 return Err(error(
@@ -950,7 +985,7 @@ fn compile_target(
     };
     let dead_letter = match raw.dead_letter {
         None => None,
-        Some(d) => Some(compile_dead_letter(&format!("{path}.dead_letter"), d)?),
+        Some(d) => Some(compile_dead_letter(&field(path, "dead_letter"), d)?),
     };
 
     Ok(Target {
@@ -976,7 +1011,7 @@ fn compile_target(
 fn compile_retry(path: &str, raw: RawRetry) -> Result<RetryPolicy, ConfigError> {
     if raw.attempts < 2 || raw.attempts > MAX_ATTEMPTS {
         return Err(error(
-            format!("{path}.attempts"),
+            field(path, "attempts"),
             format!(
                 "{} is out of range; use 2 to {MAX_ATTEMPTS} (the first attempt included), or remove `retry`",
                 raw.attempts
@@ -986,19 +1021,19 @@ fn compile_retry(path: &str, raw: RawRetry) -> Result<RetryPolicy, ConfigError> 
     let RawBackoff { base, max } = raw.backoff_ms;
     if base == 0 || base > MAX_TIMEOUT_MS {
         return Err(error(
-            format!("{path}.backoff_ms.base"),
+            field(path, "backoff_ms.base"),
             format!("{base} is out of range; use 1 to {MAX_TIMEOUT_MS}"),
         ));
     }
     if max < base || max > MAX_TIMEOUT_MS {
         return Err(error(
-            format!("{path}.backoff_ms.max"),
+            field(path, "backoff_ms.max"),
             format!("{max} is out of range; use {base} (the base) to {MAX_TIMEOUT_MS}"),
         ));
     }
     if raw.on.is_empty() {
         return Err(error(
-            format!("{path}.on"),
+            field(path, "on"),
             "empty; list the outcomes to retry, such as \"5xx\"",
         ));
     }
@@ -1031,17 +1066,17 @@ fn compile_dead_letter(path: &str, raw: RawDeadLetter) -> Result<DeadLetter, Con
             .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
     {
         return Err(error(
-            format!("{path}.cluster"),
+            field(path, "cluster"),
             format!(
                 "invalid cluster name {:?}; name an Envoy cluster",
                 raw.cluster
             ),
         ));
     }
-    check_path_value(&format!("{path}.path"), &raw.path)?;
+    check_path_value(&field(path, "path"), &raw.path)?;
     if raw.timeout_ms == 0 || raw.timeout_ms > MAX_TIMEOUT_MS {
         return Err(error(
-            format!("{path}.timeout_ms"),
+            field(path, "timeout_ms"),
             format!(
                 "{} is out of range; use 1 to {MAX_TIMEOUT_MS}",
                 raw.timeout_ms
@@ -1312,6 +1347,28 @@ mod tests {
             parse_err(r#"{"rules": [["r", {}, "shadow"]]}"#),
             "rules[0]: invalid type: sequence, expected struct RawRule"
         );
+    }
+
+    #[test]
+    fn readable_types_replaces_every_term() {
+        let cases = [
+            ("invalid type: string \"x\", expected f64", "invalid type: string \"x\", expected a number"),
+            ("expected u64 at line 1 column 5", "expected a whole number of at least 0 at line 1 column 5"),
+            ("expected a boolean", "expected true or false"),
+            ("string \"expected u64\", expected u64", "string \"expected a whole number of at least 0\", expected a whole number of at least 0"),
+            ("expected u32, expected f32, expected", "expected u32, expected f32, expected"),
+            ("é expected f64é e", "é expected a numberé e"),
+            ("", ""),
+            ("e", "e"),
+        ];
+        for (message, expected) in cases {
+            assert_eq!(readable_types(message), expected, "{message}");
+            let chained = message
+                .replace("expected f64", "expected a number")
+                .replace("expected u64", "expected a whole number of at least 0")
+                .replace("expected a boolean", "expected true or false");
+            assert_eq!(readable_types(message), chained, "{message}");
+        }
     }
 
     #[test]

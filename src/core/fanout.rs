@@ -133,28 +133,28 @@ fn is_failure(result: TargetResult) -> bool {
 /// Names are validated to letters, digits, `_` and `-`, so they need no
 /// escaping.
 fn failure_body(rule: &Rule, failed: &[(usize, TargetResult)]) -> Vec<u8> {
-    let entries: Vec<String> = failed
-        .iter()
-        .map(|(index, result)| {
-            let name = rule.targets.get(*index).map_or("?", |t| t.name.as_str());
-            let status = match result {
-                TargetResult::Done {
-                    status: Some(code), ..
-                } => code.to_string(),
-                _ => "null".to_string(),
-            };
-            format!(
-                r#"{{"target":"{name}","outcome":"{}","status":{status}}}"#,
-                result.label()
-            )
-        })
-        .collect();
-    format!(
-        r#"{{"error":"fanout_failed","rule":"{}","failed":[{}]}}"#,
-        rule.name,
-        entries.join(",")
-    )
-    .into_bytes()
+    let mut body = format!(
+        r#"{{"error":"fanout_failed","rule":"{}","failed":["#,
+        rule.name
+    );
+    for (i, (index, result)) in failed.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        let name = rule.targets.get(*index).map_or("?", |t| t.name.as_str());
+        let status = match result {
+            TargetResult::Done {
+                status: Some(code), ..
+            } => code.to_string(),
+            _ => "null".to_string(),
+        };
+        body.push_str(&format!(
+            r#"{{"target":"{name}","outcome":"{}","status":{status}}}"#,
+            result.label()
+        ));
+    }
+    body.push_str("]}");
+    body.into_bytes()
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod fanout;
 pub mod headers;
+pub mod json_path;
 pub mod log_limit;
 pub mod matcher;
 pub mod outcome;

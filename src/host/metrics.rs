@@ -81,10 +81,11 @@ impl Metrics {
                     None => None,
                     Some(_) => Some(RetryMetrics {
                         attempts: define_per_outcome(&prefix, "attempts")?,
-                        retries: define(MetricType::Counter, format!("{prefix}.retries"))?,
-                        budget_exhausted: define(
+                        retries: define_stat(MetricType::Counter, &prefix, "retries")?,
+                        budget_exhausted: define_stat(
                             MetricType::Counter,
-                            format!("{prefix}.retry_budget_exhausted"),
+                            &prefix,
+                            "retry_budget_exhausted",
                         )?,
                     }),
                 };
@@ -97,25 +98,22 @@ impl Metrics {
                     skips,
                     retry,
                     dead_letters,
-                    dispatched: define(MetricType::Counter, format!("{prefix}.dispatched"))?,
-                    in_flight: define(MetricType::Gauge, format!("{prefix}.in_flight"))?,
-                    latency_ms: define(MetricType::Histogram, format!("{prefix}.side_call_ms"))?,
+                    dispatched: define_stat(MetricType::Counter, &prefix, "dispatched")?,
+                    in_flight: define_stat(MetricType::Gauge, &prefix, "in_flight")?,
+                    latency_ms: define_stat(MetricType::Histogram, &prefix, "side_call_ms")?,
                 });
             }
             let fanout = if rule.mode == Mode::Fanout {
                 Some(FanoutMetrics {
-                    held: define(MetricType::Counter, format!("{rule_prefix}.held_responses"))?,
-                    held_ms: define(MetricType::Histogram, format!("{rule_prefix}.held_ms"))?,
-                    failed: define(
-                        MetricType::Counter,
-                        format!("{rule_prefix}.failed_responses"),
-                    )?,
+                    held: define_stat(MetricType::Counter, &rule_prefix, "held_responses")?,
+                    held_ms: define_stat(MetricType::Histogram, &rule_prefix, "held_ms")?,
+                    failed: define_stat(MetricType::Counter, &rule_prefix, "failed_responses")?,
                 })
             } else {
                 None
             };
             rules.push(RuleMetrics {
-                matched: define(MetricType::Counter, format!("{rule_prefix}.matched"))?,
+                matched: define_stat(MetricType::Counter, &rule_prefix, "matched")?,
                 targets,
                 fanout,
             });
@@ -260,6 +258,15 @@ fn define_per_outcome(prefix: &str, suffix: &str) -> Result<PerOutcome, (String,
         )?;
     }
     Ok(ids)
+}
+
+/// Defines the stat `{prefix}.{suffix}`.
+fn define_stat(
+    metric_type: MetricType,
+    prefix: &str,
+    suffix: &str,
+) -> Result<u32, (String, Status)> {
+    define(metric_type, format!("{prefix}.{suffix}"))
 }
 
 fn define(metric_type: MetricType, name: String) -> Result<u32, (String, Status)> {

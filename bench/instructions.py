@@ -1,9 +1,9 @@
 """Count the CPU instructions Envoy spends per request, under callgrind.
 
 `make bench-instructions` runs it. Timed runs on a shared two-core machine
-move by 10 % or more from one run to the next; callgrind counts the
+move by 10 % or more from one run to the next. Callgrind counts the
 instructions Envoy executes, JIT-compiled Wasm included, and its counts
-repeated to within 0.5 % in repeated runs on such a machine. So this script answers
+repeated to within 0.5 % on such a machine. So this script answers
 "what did a change cost?" where `make bench` cannot.
 
 For each scenario it starts the release bench_upstream, Envoy with
@@ -73,13 +73,13 @@ SCENARIOS = [
     ("4-64k", "mesh-fanout shadow, POST 64 KiB", WASM, plugin("shadow.json", **SHADOW), 65536),
 ]
 
-# (scenario, baseline, what the difference is)
+# (scenario, baseline, the cost that their difference measures)
 STEPS = [
     ("2", "1", "the built-in mirror's side call"),
     ("0", "1", "any proxy-wasm filter: a context and its callbacks"),
     ("0-dispatch", "0", "the cheapest proxy-wasm side call"),
     ("7", "0", "mesh-fanout, no rule matches: `:method` and `:path` read"),
-    ("3-sampled-out", "0", "mesh-fanout, rule matches: header map copied, matched, sampled"),
+    ("3-sampled-out", "0", "mesh-fanout, a rule matches: header map copied, matched, sampled out"),
     ("3", "3-sampled-out", "mesh-fanout's side call: handoff, dispatch, response, stats"),
     ("3", "0-dispatch", "mesh-fanout's shadow beyond the cheapest proxy-wasm side call"),
     ("3", "2", "mesh-fanout's shadow beyond the built-in mirror"),
@@ -312,11 +312,11 @@ def main():
         module = os.path.abspath(options.wasm)
         selected = [(i, t, module if m == WASM else m, p, b) for i, t, m, p, b in selected]
     if options.only:
-        wanted = options.only.split(",")
-        unknown = [w for w in wanted if w not in {s[0] for s in SCENARIOS}]
+        requested = options.only.split(",")
+        unknown = [w for w in requested if w not in {s[0] for s in SCENARIOS}]
         if unknown:
             sys.exit(f"unknown scenario ids {unknown}; known: {[s[0] for s in SCENARIOS]}")
-        selected = [s for s in SCENARIOS if s[0] in wanted]
+        selected = [s for s in SCENARIOS if s[0] in requested]
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     results = []

@@ -1,5 +1,5 @@
-//! The least a proxy-wasm HTTP filter can do, for `make bench` to measure
-//! as the floor under mesh-fanout's figures.
+//! The minimum work a proxy-wasm HTTP filter can do, for `make bench` to
+//! measure as the floor under mesh-fanout's figures.
 //!
 //! With an empty configuration, every callback returns `Continue`
 //! (scenario 0): the cost of a Rust proxy-wasm filter in Envoy's V8 runtime

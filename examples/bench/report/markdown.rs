@@ -255,7 +255,7 @@ impl Report {
             (
                 "3-sampled-out",
                 "7",
-                "a mesh-fanout rule matches: copying the header map, matching, sampling, two counters",
+                "a rule matches: the whole header map copied instead of two headers, matching, sampling, two counters",
             ),
             (
                 "3",

@@ -207,7 +207,7 @@ def measure(scenario, requests, oha_bin, envoy, work):
             envoy_process = subprocess.Popen(
                 ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--smc-check=all-non-file",
                  f"--callgrind-out-file={out_file}", envoy, "-c", config,
-                 "--concurrency", "1", "-l", "error"],
+                 "--concurrency", "1", "-l", "error", "--disable-hot-restart"],
                 stdout=log, stderr=subprocess.STDOUT)
         wait_ready(ports["admin"], envoy_process, log_path)
         pid = str(envoy_process.pid)

@@ -3,8 +3,8 @@
 `make bench-instructions` runs it. Timed runs on a shared two-core machine
 move by 10 % or more from one run to the next. Callgrind counts the
 instructions Envoy executes, JIT-compiled Wasm included, and its counts
-repeated to within 0.5 % on such a machine. So this script answers
-"what did a change cost?" where `make bench` cannot.
+repeated to within 0.5 % on such a machine. So this script measures what
+a change cost, where `make bench` cannot.
 
 For each scenario it starts the release bench_upstream, Envoy with
 `--concurrency 1` under `valgrind --tool=callgrind --instr-atstart=no`,
@@ -12,7 +12,8 @@ sends a warm-up with oha, switches instrumentation on, sends the measured
 requests, and divides the instructions of the dump by the responses. It
 writes bench/instructions.json and docs/instructions.md.
 
-    python3 bench/instructions.py [--requests N] [--only ID,ID] [--wasm F] [--json F] [--markdown F]
+    python3 bench/instructions.py [--requests N] [--only ID,ID] [--wasm F] [--max ID=N]
+                                  [--json F] [--markdown F]
 """
 
 import argparse
@@ -288,6 +289,8 @@ def main():
     parser.add_argument("--json", default=os.path.join(BENCH, "instructions.json"))
     parser.add_argument("--markdown", default=os.path.join(REPO, "docs/instructions.md"))
     parser.add_argument("--invoked-as", default="python3 bench/instructions.py")
+    parser.add_argument("--max", action="append", default=[], metavar="ID=N",
+                        help="fail when scenario ID takes more than N instructions per request")
     parser.add_argument("--wasm", help="mesh-fanout module to count instead of the release "
                         "build, for example a variant of a change")
     options = parser.parse_args()
@@ -318,6 +321,13 @@ def main():
             sys.exit(f"unknown scenario ids {unknown}; known: {[s[0] for s in SCENARIOS]}")
         selected = [s for s in SCENARIOS if s[0] in requested]
 
+    limits = {}
+    for item in options.max:
+        scenario_id, _, value = item.partition("=")
+        if not value.isdigit() or scenario_id not in {s[0] for s in selected}:
+            sys.exit(f"invalid --max {item!r}; use ID=N with a selected scenario id and a whole number")
+        limits[scenario_id] = int(value)
+
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     results = []
     with tempfile.TemporaryDirectory(prefix="mesh-fanout-callgrind-") as work:
@@ -333,6 +343,14 @@ def main():
     with open(options.markdown, "w", encoding="utf-8") as file:
         file.write(markdown(results, options.requests, options.invoked_as))
     print(f"wrote {options.json} and {options.markdown}")
+    over = [(r["id"], r["instructions_per_request"], limits[r["id"]])
+            for r in results if r["id"] in limits and r["instructions_per_request"] > limits[r["id"]]]
+    for scenario_id, value, limit in over:
+        print(f"scenario {scenario_id}: {value:,} instructions per request, over the limit of {limit:,}; "
+              "find the change that added them with --wasm and a build of the previous commit",
+              file=sys.stderr)
+    if over:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

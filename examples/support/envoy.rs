@@ -1,5 +1,6 @@
 //! Runs one Envoy process per test or demo and talks to its admin endpoint.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -314,14 +315,29 @@ fn unique_temp_dir() -> PathBuf {
     std::env::temp_dir().join(name)
 }
 
-/// Returns a 127.0.0.1 port that was free when this function returned.
+/// Returns a 127.0.0.1 port that was free when this function returned and
+/// that no earlier call in this process returned.
 ///
-/// NOTE: another process can take the port before the caller binds it.
+/// The kernel may hand the same ephemeral port to two calls once the first
+/// listener is closed. Two Envoys of concurrent tests would then both bind
+/// it, because Envoy listeners set SO_REUSEPORT, and split each other's
+/// connections. So the ports handed out are remembered.
+///
+/// NOTE: another process can still take the port before the caller binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("binding 127.0.0.1:0 failed")
-        .port()
+    static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("binding 127.0.0.1:0 failed")
+            .port();
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Returns the Envoy binary: `$ENVOY_BIN`, else `<crate>/.venv/bin/envoy`.

@@ -329,6 +329,8 @@ static_resources:
             "name: ingress
 address:
   socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+# A port taken twice fails at start instead of being shared silently.
+enable_reuse_port: false
 filter_chains:
 - filters:
   - name: envoy.filters.network.http_connection_manager

@@ -272,30 +272,49 @@ fn describe(bytes: &[u8], e: &serde_json::Error) -> ConfigError {
 }
 
 /// Rust type names in serde's messages and the JSON terms that replace
-/// them. No replacement contains another entry's pattern.
-const JSON_TERMS: [(&str, &str); 3] = [
-    ("expected f64", "expected a number"),
-    ("expected u64", "expected a whole number of at least 0"),
-    ("expected a boolean", "expected true or false"),
+/// them, each starting at a space. No replacement contains another entry's
+/// pattern.
+const JSON_TERMS: [(&str, &str); 6] = [
+    (" expected f64", " expected a number"),
+    (" expected u64", " expected a whole number of at least 0"),
+    (" expected a boolean", " expected true or false"),
+    (" expected a sequence", " expected an array"),
+    (" sequence,", " array,"),
+    (" map,", " object,"),
 ];
 
+/// serde names a configuration struct by its Rust type, such as
+/// `expected struct RawBackoff`; the message says "an object" instead.
+const STRUCT_TERM: (&str, &str) = (" expected struct ", " expected an object");
+
 /// Replaces Rust type names in serde's messages with JSON terms, every
-/// occurrence, as chained `str::replace` calls would. A scan for `e` keeps
-/// the substring searcher that `str::replace` needs out of the module.
+/// occurrence that starts after a space, so a quoted value from the
+/// configuration stays as written. A scan for spaces keeps the substring
+/// searcher that `str::replace` needs out of the module.
 fn readable_types(message: &str) -> String {
     let mut readable = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some((before, from_e)) = rest.find('e').and_then(|i| rest.split_at_checked(i)) {
+    // A leading space lets a term match at the start of the message.
+    let spaced = format!(" {message}");
+    let mut rest = spaced.as_str();
+    while let Some((before, from_space)) = rest.find(' ').and_then(|i| rest.split_at_checked(i)) {
         readable.push_str(before);
+        if let Some(after) = from_space.strip_prefix(STRUCT_TERM.0) {
+            readable.push_str(STRUCT_TERM.1);
+            let name_len = after
+                .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                .unwrap_or(after.len());
+            rest = after.get(name_len..).unwrap_or_default();
+            continue;
+        }
         let (skipped, replacement) = JSON_TERMS
             .iter()
-            .find(|(rust, _)| from_e.starts_with(rust))
-            .map_or(("e", "e"), |(rust, json)| (*rust, *json));
+            .find(|(rust, _)| from_space.starts_with(rust))
+            .map_or((" ", " "), |(rust, json)| (*rust, *json));
         readable.push_str(replacement);
-        rest = from_e.get(skipped.len()..).unwrap_or_default();
+        rest = from_space.get(skipped.len()..).unwrap_or_default();
     }
     readable.push_str(rest);
-    readable
+    readable.get(1..).unwrap_or_default().to_owned()
 }
 
 fn missing_field_name(message: &str) -> Option<&str> {
@@ -1368,33 +1387,58 @@ mod tests {
         ));
         assert_eq!(
             message,
-            "rules[0].targets[0].retry.backoff_ms: invalid type: sequence, expected struct RawBackoff"
+            "rules[0].targets[0].retry.backoff_ms: invalid type: array, expected an object"
         );
         assert_eq!(
             parse_err(r#"{"rules": [["r", {}, "shadow"]]}"#),
-            "rules[0]: invalid type: sequence, expected struct RawRule"
+            "rules[0]: invalid type: array, expected an object"
+        );
+        assert_eq!(
+            parse_err(r#"{"rules": {"r": {}}}"#),
+            "rules: invalid type: object, expected an array"
         );
     }
 
     #[test]
     fn readable_types_replaces_every_term() {
         let cases = [
-            ("invalid type: string \"x\", expected f64", "invalid type: string \"x\", expected a number"),
-            ("expected u64 at line 1 column 5", "expected a whole number of at least 0 at line 1 column 5"),
+            (
+                "invalid type: string \"x\", expected f64",
+                "invalid type: string \"x\", expected a number",
+            ),
+            (
+                "expected u64 at line 1 column 5",
+                "expected a whole number of at least 0 at line 1 column 5",
+            ),
             ("expected a boolean", "expected true or false"),
-            ("string \"expected u64\", expected u64", "string \"expected a whole number of at least 0\", expected a whole number of at least 0"),
-            ("expected u32, expected f32, expected", "expected u32, expected f32, expected"),
+            // A quoted value from the configuration stays as written.
+            (
+                "string \"expected u64\", expected u64",
+                "string \"expected u64\", expected a whole number of at least 0",
+            ),
+            (
+                "expected u32, expected f32, expected",
+                "expected u32, expected f32, expected",
+            ),
             ("é expected f64é e", "é expected a numberé e"),
             ("", ""),
             ("e", "e"),
+            (
+                "invalid type: sequence, expected struct RawRetry",
+                "invalid type: array, expected an object",
+            ),
+            (
+                "expected struct RawConfig at line 1 column 0",
+                "expected an object at line 1 column 0",
+            ),
+            (
+                "invalid type: map, expected a sequence",
+                "invalid type: object, expected an array",
+            ),
+            (" expected f64 ", " expected a number "),
         ];
         for (message, expected) in cases {
             assert_eq!(readable_types(message), expected, "{message}");
-            let chained = message
-                .replace("expected f64", "expected a number")
-                .replace("expected u64", "expected a whole number of at least 0")
-                .replace("expected a boolean", "expected true or false");
-            assert_eq!(readable_types(message), chained, "{message}");
         }
     }
 

@@ -9,8 +9,9 @@
 //! [`deserialize_from_object!`] implements `Deserialize` for a struct that
 //! derives it with `#[serde(remote = "Self")]`, and the derived code then
 //! reads the struct through `deserialize_map`. A JSON array in a struct's
-//! place fails with "invalid type: sequence, expected struct ...", as any
-//! other wrong type does.
+//! place fails with serde's "invalid type: sequence, expected struct ...",
+//! as any other wrong type does, which the configuration error shows as
+//! "invalid type: array, expected an object".
 
 use serde::de::{Deserializer, Visitor};
 

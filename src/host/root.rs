@@ -63,7 +63,8 @@ impl AttemptEnd {
     /// so the common path never builds the string.
     fn detail(&self) -> String {
         match (&self.rejection, self.status) {
-            (Some(rejection), _) => rejection.clone(),
+            // Quoted, so the line stays a list of key=value pairs.
+            (Some(rejection), _) => format!("error={rejection:?}"),
             (None, Some(status)) => format!("status={status}"),
             (None, None) => "status=-".to_owned(),
         }

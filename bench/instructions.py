@@ -247,7 +247,15 @@ def ratio_text(value, base):
     return f"{value / base:.3f}" if base else "–"
 
 
-def markdown(results, requests, command):
+def selected_module(selected):
+    """Return the mesh-fanout module that the selected scenarios load, if any."""
+    for _, _, module, _, _ in selected:
+        if module not in ("none", "mirror", FLOOR_WASM):
+            return module
+    return None
+
+
+def markdown(results, requests, command, build):
     per = {r["id"]: r["instructions_per_request"] for r in results}
     lines = [
         "# Instructions per request",
@@ -259,7 +267,10 @@ def markdown(results, requests, command):
         "Instructions are not time: cache misses and system calls weigh more than "
         "their count.",
         "",
-        f"Command: `{command}`. Started {results[0]['started']} UTC; Envoy "
+        f"Command: `{command}`, at commit {build['commit']}"
+        + (f" with `{os.path.relpath(build['module'], REPO)}` of {build['module_bytes']:,} bytes"
+           if build["module"] else "")
+        + f". Started {results[0]['started']} UTC; Envoy "
         f"`{results[0]['envoy']}` with `--concurrency 1` under "
         "`valgrind --tool=callgrind --instr-atstart=no`; counting starts after "
         f"{WARMUP_REQUESTS} warm-up requests and covers {requests} GET or POST requests "
@@ -288,7 +299,7 @@ def main():
     parser.add_argument("--only", help="comma-separated scenario ids")
     parser.add_argument("--json", default=os.path.join(BENCH, "instructions.json"))
     parser.add_argument("--markdown", default=os.path.join(REPO, "docs/instructions.md"))
-    parser.add_argument("--invoked-as", default="python3 bench/instructions.py")
+    parser.add_argument("--invoked-as", help="command to show in the report (default: this one)")
     parser.add_argument("--max", action="append", default=[], metavar="ID=N",
                         help="fail when scenario ID takes more than N instructions per request")
     parser.add_argument("--wasm", help="mesh-fanout module to count instead of the release "
@@ -328,6 +339,15 @@ def main():
             sys.exit(f"invalid --max {item!r}; use ID=N with a selected scenario id and a whole number")
         limits[scenario_id] = int(value)
 
+    command = options.invoked_as or " ".join(["python3", "bench/instructions.py"] + sys.argv[1:])
+    commit = subprocess.run(["git", "-C", REPO, "log", "-1", "--format=%h"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "src"],
+                           capture_output=True, text=True).stdout.strip()
+    module = selected_module(selected)
+    build = {"commit": commit + (" (uncommitted changes in src/)" if dirty else ""),
+             "module": module, "module_bytes": os.path.getsize(module) if module else None}
+
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     results = []
     with tempfile.TemporaryDirectory(prefix="mesh-fanout-callgrind-") as work:
@@ -338,10 +358,10 @@ def main():
             print(f"{scenario[0]:<14} {result['instructions_per_request']:>10,} instructions/request",
                   flush=True)
     with open(options.json, "w", encoding="utf-8") as file:
-        json.dump({"requests": options.requests, "results": results}, file, indent=2)
+        json.dump({"requests": options.requests, "build": build, "results": results}, file, indent=2)
         file.write("\n")
     with open(options.markdown, "w", encoding="utf-8") as file:
-        file.write(markdown(results, options.requests, options.invoked_as))
+        file.write(markdown(results, options.requests, command, build))
     print(f"wrote {options.json} and {options.markdown}")
     over = [(r["id"], r["instructions_per_request"], limits[r["id"]])
             for r in results if r["id"] in limits and r["instructions_per_request"] > limits[r["id"]]]

@@ -1192,7 +1192,7 @@ fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
     } else {
         Err(error(
             field,
-            format!("invalid header name {name:?}; use lowercase letters, digits and -"),
+            format!("invalid header name {name:?}; use an HTTP token: letters, digits and !#$%&'*+-.^_`|~, without spaces, colons or pseudo-headers"),
         ))
     }
 }

@@ -103,6 +103,12 @@ impl Report {
         self.markdown_latency(&mut md);
 
         let _ = writeln!(md, "## Targets\n");
+        let _ = writeln!(
+            md,
+            "The project's goals for the filter, each checked on this run's figures. \
+             `make bench` reports them and exits 0 whatever they show; \
+             README.md's Performance section says what a FAIL means for users.\n"
+        );
         let _ = writeln!(md, "| target | result | figures |\n| --- | --- | --- |");
         for target in &self.targets {
             let _ = writeln!(
@@ -331,8 +337,8 @@ impl Report {
             "Each latency is the median of that percentile over {} runs of {:.1} s; \
              the JSON has the figures of each run. The load average column, in both \
              tables, is the 1-minute load average once the phase's Envoy was ready. CPU per request is higher than in \
-             the closed loop, probably because Envoy handles fewer requests per \
-             event-loop wake-up.\n",
+             the closed loop. A likely reason, not measured here, is that Envoy \
+             handles fewer requests per event-loop wake-up at a fixed rate.\n",
             self.settings.rate_runs, self.settings.rate_duration_s
         );
         let _ = writeln!(

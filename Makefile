@@ -128,7 +128,7 @@ bench-smoke: build envoy bench-tools
 	$(BENCH_BIN) --smoke --oha $(OHA) --json $(BENCH_SMOKE_DIR)/results.json --markdown $(BENCH_SMOKE_DIR)/benchmarks.md
 	$(PYTHON) bench/check_results.py $(BENCH_SMOKE_DIR)/results.json
 
-# Instructions per request under callgrind, which repeat to within 0.5 %
+# Instructions per request under callgrind; GET counts repeat to within 0.5 %
 # where timed runs move by 10 %: the way to price one change. About 6
 # minutes; writes bench/instructions.json and docs/instructions.md. Needs
 # valgrind (Debian's valgrind package).

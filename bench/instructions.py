@@ -2,8 +2,9 @@
 
 `make bench-instructions` runs it. Timed runs on a shared two-core machine
 move by 10 % or more from one run to the next. Callgrind counts the
-instructions Envoy executes, JIT-compiled Wasm included, and its counts
-repeated to within 0.5 % on such a machine. So this script measures what
+instructions Envoy executes, JIT-compiled Wasm included, and its GET
+counts repeated to within 0.5 % on such a machine (64 KiB POST counts
+varied by a third between runs). So this script measures what
 a change cost, where `make bench` cannot.
 
 For each scenario it starts the release bench_upstream, Envoy with
@@ -262,8 +263,9 @@ def markdown(results, requests, command, build):
         "",
         "CPU instructions that Envoy executes per request, counted by callgrind; "
         "bench/instructions.py produced this page and bench/instructions.json. "
-        "Unlike the timed runs of docs/benchmarks.md, these counts repeated to within "
+        "Unlike the timed runs of docs/benchmarks.md, the GET counts repeated to within "
         "0.5 % across runs while other work shared the machine, so they price a change. "
+        "The 64 KiB POST counts did not: one module gave between 411k and 623k. "
         "Instructions are not time: cache misses and system calls weigh more than "
         "their count.",
         "",

@@ -226,7 +226,7 @@ fn deserialize(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
     // inherent `RawConfig::deserialize` that `remote = "Self"` derives
     // would not.
     let raw = <RawConfig as Deserialize>::deserialize(&mut deserializer)
-        .map_err(|e| describe(bytes, &e))?;
+        .map_err(|e| with_type_hint(describe(bytes, &e)))?;
     deserializer.end().map_err(|e| {
         error(
             "",
@@ -234,6 +234,20 @@ fn deserialize(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
         )
     })?;
     Ok(raw)
+}
+
+/// Adds the fix to a wrong-type error, which serde words without one.
+fn with_type_hint(mut e: ConfigError) -> ConfigError {
+    if !e.message.starts_with("invalid type:") {
+        return e;
+    }
+    if e.path.is_empty() {
+        e.message = "the configuration must be a JSON object, such as {\"rules\": [...]}".into();
+    } else {
+        e.message
+            .push_str("; see the configuration reference in README.md for the field's type");
+    }
+    e
 }
 
 /// Turns a serde_json error into a `ConfigError` with the same path and
@@ -1387,15 +1401,19 @@ mod tests {
         ));
         assert_eq!(
             message,
-            "rules[0].targets[0].retry.backoff_ms: invalid type: array, expected an object"
+            "rules[0].targets[0].retry.backoff_ms: invalid type: array, expected an object; see the configuration reference in README.md for the field's type"
         );
         assert_eq!(
             parse_err(r#"{"rules": [["r", {}, "shadow"]]}"#),
-            "rules[0]: invalid type: array, expected an object"
+            "rules[0]: invalid type: array, expected an object; see the configuration reference in README.md for the field's type"
         );
         assert_eq!(
             parse_err(r#"{"rules": {"r": {}}}"#),
-            "rules: invalid type: object, expected an array"
+            "rules: invalid type: object, expected an array; see the configuration reference in README.md for the field's type"
+        );
+        assert_eq!(
+            parse_err("[1]"),
+            "the configuration must be a JSON object, such as {\"rules\": [...]}"
         );
     }
 

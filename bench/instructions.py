@@ -112,7 +112,12 @@ def indent_of(line):
 
 
 def render(module, plugin_json, ports):
-    """Fill bench/envoy.yaml as examples/bench/scenario.rs does."""
+    """Fill bench/envoy.yaml as examples/bench/scenario.rs does.
+
+    NOTE: this repeats the Rust template filling for the placeholders used
+    here; `make bench-instructions-smoke` in `make test` fails if the two
+    drift apart far enough that Envoy rejects the result.
+    """
     values = {
         "LISTENER_PORT": ports["listener"],
         "ADMIN_PORT": ports["admin"],
@@ -266,9 +271,9 @@ def markdown(results, requests, command, build):
         "bench/instructions.py produced this page and bench/instructions.json. "
         "Unlike the timed runs of docs/benchmarks.md, the GET counts repeated to within "
         "0.5 % across runs while other work shared the machine, so they price a change. "
-        "The 64 KiB POST counts did not: in scenario 4-64k, a variant of the filter that "
+        "The 64 KiB POST counts did not. In scenario 4-64k, a variant of the filter that "
         "neither read nor sent the body gave 411k instructions per request in one run "
-        "and 619k and 623k in two others, so treat the 64 KiB rows as rough. "
+        "and 619k and 623k in two others. Treat the 64 KiB rows as rough. "
         "Instructions are not time: cache misses and system calls weigh more than "
         "their count.",
         "",

@@ -3,15 +3,19 @@
 //!
 //! With an empty configuration, every callback returns `Continue`
 //! (scenario 0): the cost of a Rust proxy-wasm filter in Envoy's V8 runtime
-//! before it does any work. With `{"side_cluster": "NAME"}`, each request's
-//! headers are copied once and sent as a side call to that cluster from the
-//! request's callback, with no matching, no handoff, no stats and nothing
-//! read from the response (scenario 0-dispatch): the cheapest side call
+//! before it does any work.
+//!
+//! With `{"side_cluster": "NAME"}`, each request's headers are copied once
+//! and sent as a side call to that cluster from the request's callback
+//! (scenario 0-dispatch). There is no matching, no handoff, no stats, and
+//! nothing is read from the response, so this is the cheapest side call
 //! proxy-wasm offers. The call is made as the root context, so Envoy does
 //! not cancel it when the request ends first. The SDK then delivers the
 //! response to the request's context only while that context exists, so
 //! this is no usable shadow: it loses the outcome of every call that
-//! outlives its request. With `{"clock_reads": N}`, each request reads the
+//! outlives its request.
+//!
+//! With `{"clock_reads": N}`, each request reads the
 //! host clock N times (scenario 0-calls), which prices one host call.
 //!
 //! Build it with

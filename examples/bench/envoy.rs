@@ -10,12 +10,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::process::Pinned;
-use super::support::client::{send, Proto, Request};
+use super::support::envoy::{admin_get, last_lines};
 
 /// Limit for Envoy to load the bootstrap and the .wasm and report ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Limit for one admin request.
-const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 const LOG_TAIL_LINES: usize = 30;
 /// Envoy's default log format with microseconds (`%f`) instead of
@@ -131,21 +129,12 @@ impl BenchEnvoy {
     }
 
     fn log_tail(&self) -> String {
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        last_lines(&self.log_text(), LOG_TAIL_LINES)
     }
 
     /// Sends `GET path` to the admin endpoint and returns status and body.
     pub async fn admin_get(&self, path: &str) -> Result<(u16, String), String> {
-        let exchange = send(Proto::Http1, self.admin_port, Request::get(path));
-        let response = tokio::time::timeout(ADMIN_TIMEOUT, exchange)
-            .await
-            .map_err(|_| format!("admin GET {path} timed out after {ADMIN_TIMEOUT:?}"))??;
-        Ok((
-            response.status,
-            String::from_utf8_lossy(&response.body).into_owned(),
-        ))
+        admin_get(self.admin_port, path).await
     }
 
     /// Returns every counter and gauge by its full dotted name.

@@ -304,7 +304,7 @@ impl Report {
         for result in &self.scenarios {
             let setup = scenario::find(&result.id).map(|s| s.setup);
             if matches!(setup, Some(Setup::Floor { .. })) {
-                // Another module; its start says nothing about mesh-fanout's.
+                // Another module, so its start time is not mesh-fanout's.
                 continue;
             }
             let is_filter = matches!(setup, Some(Setup::Filter { .. }));

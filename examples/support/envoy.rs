@@ -198,19 +198,12 @@ impl Envoy {
 
     /// Returns the last `lines` lines of `log_text()`.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = self.log_text();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        last_lines(&self.log_text(), lines)
     }
 
     /// Sends `GET path` to the admin endpoint and returns status and body.
     pub async fn admin_get(&self, path: &str) -> Result<(u16, String), String> {
-        let exchange = send(Proto::Http1, self.admin_port, Request::get(path));
-        let response = tokio::time::timeout(ADMIN_TIMEOUT, exchange)
-            .await
-            .map_err(|_| format!("admin GET {path} timed out after {ADMIN_TIMEOUT:?}"))??;
-        let body = String::from_utf8_lossy(&response.body).into_owned();
-        Ok((response.status, body))
+        admin_get(self.admin_port, path).await
     }
 }
 
@@ -313,6 +306,23 @@ fn unique_temp_dir() -> PathBuf {
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
     std::env::temp_dir().join(name)
+}
+
+/// Returns the last `lines` lines of `text`.
+pub fn last_lines(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Sends `GET path` to the Envoy admin endpoint on `admin_port` and
+/// returns status and body.
+pub async fn admin_get(admin_port: u16, path: &str) -> Result<(u16, String), String> {
+    let exchange = send(Proto::Http1, admin_port, Request::get(path));
+    let response = tokio::time::timeout(ADMIN_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("admin GET {path} timed out after {ADMIN_TIMEOUT:?}"))??;
+    let body = String::from_utf8_lossy(&response.body).into_owned();
+    Ok((response.status, body))
 }
 
 /// Returns a 127.0.0.1 port that was free when this function returned and

@@ -297,8 +297,8 @@ const JSON_TERMS: [(&str, &str); 6] = [
     (" map,", " object,"),
 ];
 
-/// serde names a configuration struct by its Rust type, such as
-/// `expected struct RawBackoff`; the message says "an object" instead.
+/// Term for serde's name of a configuration struct, such as `expected
+/// struct RawBackoff`. The error message reads "an object" instead.
 const STRUCT_TERM: (&str, &str) = (" expected struct ", " expected an object");
 
 /// Replaces Rust type names in serde's messages with JSON terms, every

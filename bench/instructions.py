@@ -14,7 +14,7 @@ requests, and divides the instructions of the dump by the responses. It
 writes bench/instructions.json and docs/instructions.md.
 
     python3 bench/instructions.py [--requests N] [--only ID,ID] [--wasm F] [--max ID=N]
-                                  [--json F] [--markdown F]
+                                  [--json F] [--markdown F] [--keep DIR]
 """
 
 import argparse
@@ -58,6 +58,8 @@ SCENARIOS = [
     ("0", "empty proxy-wasm filter (floor_filter)", FLOOR_WASM, "{}", 0),
     ("0-dispatch", "minimal proxy-wasm side call (floor_filter)", FLOOR_WASM,
      '{"side_cluster": "side"}', 0),
+    ("0-handoff", "minimal proxy-wasm side call handed to the root (floor_filter)", FLOOR_WASM,
+     '{"side_cluster": "side", "handoff": true}', 0),
     ("7", "mesh-fanout, no rule matches", WASM, plugin("no-match.json"), 0),
     ("3-sampled-out", "mesh-fanout, rule matches, sampled out", WASM,
      plugin("sampled-out.json"), 0),
@@ -80,11 +82,14 @@ STEPS = [
     ("2", "1", "the built-in mirror's side call"),
     ("0", "1", "any proxy-wasm filter: a context and its callbacks"),
     ("0-dispatch", "0", "the cheapest proxy-wasm side call"),
+    ("0-handoff", "0-dispatch", "handing the side call to the root context"),
     ("7", "0", "mesh-fanout, no rule matches: `:method` and `:path` read"),
     ("3-sampled-out", "7", "mesh-fanout, a rule matches: the whole header map copied instead of "
      "two headers, matching, sampling"),
     ("3", "3-sampled-out", "mesh-fanout's side call: handoff, dispatch, response, stats"),
     ("3", "0-dispatch", "mesh-fanout's shadow beyond the cheapest proxy-wasm side call"),
+    ("3", "0-handoff", "mesh-fanout's shadow beyond the cheapest side call that keeps its "
+     "outcome"),
     ("3", "2", "mesh-fanout's shadow beyond the built-in mirror"),
     ("2-1k", "1-1k", "the built-in mirror's side call, POST 1 KiB"),
     ("4-1k", "2-1k", "mesh-fanout's shadow beyond the built-in mirror, POST 1 KiB"),
@@ -314,6 +319,8 @@ def main():
                         help="fail when scenario ID takes more than N instructions per request")
     parser.add_argument("--wasm", help="mesh-fanout module to count instead of the release "
                         "build, for example a variant of a change")
+    parser.add_argument("--keep", metavar="DIR", help="keep each scenario's callgrind dump and "
+                        "Envoy log in DIR, for callgrind_annotate")
     options = parser.parse_args()
 
     for tool in ("valgrind", "callgrind_control"):
@@ -340,7 +347,7 @@ def main():
         unknown = [w for w in requested if w not in {s[0] for s in SCENARIOS}]
         if unknown:
             sys.exit(f"unknown scenario ids {unknown}; known: {[s[0] for s in SCENARIOS]}")
-        selected = [s for s in SCENARIOS if s[0] in requested]
+        selected = [s for s in selected if s[0] in requested]
 
     limits = {}
     for item in options.max:
@@ -365,6 +372,10 @@ def main():
             result = measure(scenario, options.requests, oha_bin, envoy, work)
             result.update(id=scenario[0], title=scenario[1], started=started, envoy=envoy_version)
             results.append(result)
+            if options.keep:
+                os.makedirs(options.keep, exist_ok=True)
+                for dump in glob.glob(os.path.join(work, f"*-{scenario[0]}.*")):
+                    shutil.copy(dump, options.keep)
             print(f"{scenario[0]:<14} {result['instructions_per_request']:>10,} instructions/request",
                   flush=True)
     with open(options.json, "w", encoding="utf-8") as file:

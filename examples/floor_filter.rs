@@ -15,6 +15,14 @@
 //! this is no usable shadow: it loses the outcome of every call that
 //! outlives its request.
 //!
+//! With `{"side_cluster": "NAME", "handoff": true}`, the request's context
+//! moves the header copy to a per-worker queue and wakes the root through
+//! a proxy-wasm shared queue. The root then dispatches the call (scenario
+//! 0-handoff). The SDK delivers a response to the context that was running
+//! when the call was dispatched, whatever the host's effective context, so
+//! this is the cheapest side call whose outcome survives the request. It is
+//! the route mesh-fanout takes.
+//!
 //! With `{"clock_reads": N}`, each request reads the
 //! host clock N times (scenario 0-calls), which prices one host call.
 //!
@@ -24,6 +32,7 @@
 // Native builds (`cargo test --all-targets`) see an empty library.
 #![cfg(target_arch = "wasm32")]
 
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -31,10 +40,43 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
+type Headers = Vec<(String, Vec<u8>)>;
+
+/// The per-worker queue of scenario 0-handoff, shared by the root and the
+/// request contexts of one VM.
+#[derive(Default)]
+struct Handoff {
+    queue_id: Cell<Option<u32>>,
+    pending: RefCell<Vec<Headers>>,
+    wake_pending: Cell<bool>,
+}
+
 struct FloorRoot {
     context_id: u32,
     side_cluster: Option<Rc<str>>,
     clock_reads: u64,
+    handoff: Option<Rc<Handoff>>,
+}
+
+impl FloorRoot {
+    fn register_handoff(&mut self) {
+        // Queue names are global to the Envoy process, and a second
+        // registration of a name takes its wake-ups from the first, so
+        // each root picks its own.
+        let nanos = hostcalls::get_current_time()
+            .ok()
+            .and_then(|now| now.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |since| since.as_nanos());
+        let name = format!("floor_filter.handoff.{}.{nanos}", self.context_id);
+        match hostcalls::register_shared_queue(&name) {
+            Ok(queue_id) => {
+                let handoff = Handoff::default();
+                handoff.queue_id.set(Some(queue_id));
+                self.handoff = Some(Rc::new(handoff));
+            }
+            Err(status) => log::warn!("floor_filter: registering {name} failed: {status:?}"),
+        }
+    }
 }
 
 impl Context for FloorRoot {}
@@ -54,7 +96,28 @@ impl RootContext for FloorRoot {
             .get("clock_reads")
             .and_then(|reads| reads.as_u64())
             .unwrap_or(0);
+        let handoff = value.get("handoff").and_then(serde_json::Value::as_bool);
+        if handoff == Some(true) && self.handoff.is_none() {
+            self.register_handoff();
+        }
         true
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        let (Some(handoff), Some(cluster)) = (&self.handoff, &self.side_cluster) else {
+            return;
+        };
+        // One message per wake-up, as the streams enqueue one only when
+        // none is pending.
+        if let Err(status) = hostcalls::dequeue_shared_queue(queue_id) {
+            log::warn!("floor_filter: dequeuing from {queue_id} failed: {status:?}");
+        }
+        handoff.wake_pending.set(false);
+        let pending = std::mem::take(&mut *handoff.pending.borrow_mut());
+        // This runs as the root, so the SDK delivers each response here.
+        for headers in &pending {
+            dispatch(cluster, headers);
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -67,6 +130,7 @@ impl RootContext for FloorRoot {
             root_id: self.context_id,
             side_cluster: self.side_cluster.clone(),
             clock_reads: self.clock_reads,
+            handoff: self.handoff.clone(),
         }))
     }
 }
@@ -76,6 +140,47 @@ struct FloorStream {
     root_id: u32,
     side_cluster: Option<Rc<str>>,
     clock_reads: u64,
+    handoff: Option<Rc<Handoff>>,
+}
+
+impl FloorStream {
+    fn hand_off(handoff: &Handoff, headers: Headers) {
+        handoff.pending.borrow_mut().push(headers);
+        if handoff.wake_pending.get() {
+            return;
+        }
+        let Some(queue_id) = handoff.queue_id.get() else {
+            return;
+        };
+        match hostcalls::enqueue_shared_queue(queue_id, None) {
+            Ok(()) => handoff.wake_pending.set(true),
+            Err(status) => log::warn!("floor_filter: waking the root failed: {status:?}"),
+        }
+    }
+
+    fn dispatch_as_root(&self, cluster: &str, headers: &Headers) {
+        if let Err(status) = hostcalls::set_effective_context(self.root_id) {
+            log::warn!("floor_filter: switching to the root context failed: {status:?}");
+            return;
+        }
+        dispatch(cluster, headers);
+        if let Err(status) = hostcalls::set_effective_context(self.context_id) {
+            log::warn!("floor_filter: switching back to the request's context failed: {status:?}");
+        }
+    }
+}
+
+fn dispatch(cluster: &str, headers: &Headers) {
+    // The benchmark's headers are ASCII; others would go out empty.
+    let pairs: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), std::str::from_utf8(value).unwrap_or("")))
+        .collect();
+    let sent =
+        hostcalls::dispatch_http_call(cluster, pairs, None, Vec::new(), Duration::from_secs(1));
+    if let Err(status) = sent {
+        log::warn!("floor_filter: dispatch to {cluster} failed: {status:?}");
+    }
 }
 
 impl Context for FloorStream {}
@@ -90,23 +195,10 @@ impl HttpContext for FloorStream {
         let Some(cluster) = &self.side_cluster else {
             return Action::Continue;
         };
-        // The benchmark's headers are ASCII; others would go out empty.
         let headers = self.get_http_request_headers_bytes();
-        let pairs: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(name, value)| (name.as_str(), std::str::from_utf8(value).unwrap_or("")))
-            .collect();
-        if let Err(status) = hostcalls::set_effective_context(self.root_id) {
-            log::warn!("floor_filter: switching to the root context failed: {status:?}");
-            return Action::Continue;
-        }
-        let sent =
-            hostcalls::dispatch_http_call(cluster, pairs, None, Vec::new(), Duration::from_secs(1));
-        if let Err(status) = sent {
-            log::warn!("floor_filter: dispatch to {cluster} failed: {status:?}");
-        }
-        if let Err(status) = hostcalls::set_effective_context(self.context_id) {
-            log::warn!("floor_filter: switching back to the request's context failed: {status:?}");
+        match &self.handoff {
+            Some(handoff) => Self::hand_off(handoff, headers),
+            None => self.dispatch_as_root(cluster, &headers),
         }
         Action::Continue
     }
@@ -119,6 +211,7 @@ proxy_wasm::main! {{
             context_id,
             side_cluster: None,
             clock_reads: 0,
+            handoff: None,
         })
     });
 }}

@@ -73,7 +73,7 @@ options:
   --oha PATH            oha binary (default: $OHA, else oha on PATH)
   --wasm PATH           filter module to load (default: the release build of
                         make build); its size and VM start go into the report
-  --floor-wasm PATH     module of scenarios 0 and 0-dispatch (default: the
+  --floor-wasm PATH     module of the 0 scenarios (default: the
                         release build of examples/floor_filter.rs)
   --json PATH           results (default bench/results.json)
   --markdown PATH       report (default docs/benchmarks.md); the plot goes
@@ -104,7 +104,7 @@ pub struct Options {
     pub oha: Option<PathBuf>,
     /// Module to load instead of the release build.
     pub wasm: Option<PathBuf>,
-    /// Module for scenarios 0 and 0-dispatch instead of the release build
+    /// Module for the 0 scenarios instead of the release build
     /// of the example.
     pub floor_wasm: Option<PathBuf>,
     pub json: PathBuf,
@@ -508,7 +508,7 @@ fn fixed_rates(results: &[ScenarioResult], fraction: f64) -> BTreeMap<String, f6
         .collect()
 }
 
-/// Finds the module of scenarios 0 and 0-dispatch, which `make bench-tools`
+/// Finds the module of the 0 scenarios, which `make bench-tools`
 /// builds.
 fn find_floor_wasm(repo: &Path, option: Option<&Path>) -> Result<PathBuf, String> {
     let path = match option {

@@ -31,7 +31,7 @@ pub struct Bench {
     pub envoy_bin: PathBuf,
     pub oha: PathBuf,
     pub wasm: PathBuf,
-    /// Module of the scenarios 0 and 0-dispatch.
+    /// Module of the 0 scenarios.
     pub floor_wasm: PathBuf,
     pub repo: PathBuf,
     /// Temp dir for bootstraps, logs, oha output and body files.

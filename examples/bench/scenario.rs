@@ -40,6 +40,9 @@ pub enum Setup {
         side_cluster: Option<&'static str>,
         /// Host clock reads per request, to price one host call.
         clock_reads: u32,
+        /// Hands each side call to the root context before it is sent, as
+        /// mesh-fanout does, so its response outlives the request.
+        handoff: bool,
     },
     /// The mesh-fanout filter with a plugin configuration from bench/plugins/.
     Filter {
@@ -58,6 +61,11 @@ impl Setup {
         match self {
             Setup::NoFilter => "router only",
             Setup::Mirror => "request_mirror_policies",
+            Setup::Floor {
+                side_cluster: Some(_),
+                handoff: true,
+                ..
+            } => "floor_filter, one side call from the root (examples/floor_filter.rs)",
             Setup::Floor {
                 side_cluster: Some(_),
                 ..
@@ -215,6 +223,7 @@ pub const SCENARIOS: &[Scenario] = &[
         Setup::Floor {
             side_cluster: None,
             clock_reads: 0,
+            handoff: false,
         },
     )),
     get(
@@ -223,6 +232,7 @@ pub const SCENARIOS: &[Scenario] = &[
         Setup::Floor {
             side_cluster: None,
             clock_reads: FLOOR_CLOCK_READS,
+            handoff: false,
         },
     ),
     get(
@@ -231,6 +241,16 @@ pub const SCENARIOS: &[Scenario] = &[
         Setup::Floor {
             side_cluster: Some("side"),
             clock_reads: 0,
+            handoff: false,
+        },
+    ),
+    get(
+        "0-handoff",
+        "minimal side call from the root",
+        Setup::Floor {
+            side_cluster: Some("side"),
+            clock_reads: 0,
+            handoff: true,
         },
     ),
     get("3", "shadow, GET", shadow_to("side", 0)),
@@ -367,6 +387,7 @@ pub fn render_bootstrap(
         Setup::Floor {
             side_cluster,
             clock_reads,
+            handoff,
         } => fill(
             &read_template(bench_dir, "wasm-filter.yaml")?,
             &[
@@ -375,7 +396,7 @@ pub fn render_bootstrap(
                     "PLUGIN_CONFIG",
                     match side_cluster {
                         Some(cluster) => format!(
-                            r#"{{"side_cluster": "{cluster}", "clock_reads": {clock_reads}}}"#
+                            r#"{{"side_cluster": "{cluster}", "clock_reads": {clock_reads}, "handoff": {handoff}}}"#
                         ),
                         None => format!(r#"{{"clock_reads": {clock_reads}}}"#),
                     },

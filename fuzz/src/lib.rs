@@ -64,6 +64,17 @@ pub fn check_build_headers(
     body_len: Option<usize>,
 ) {
     let built = side_request::build_headers(request, target, marker_header, marker_value, body_len);
+    let moved = side_request::build_headers_from(
+        request.to_vec(),
+        target,
+        marker_header,
+        marker_value,
+        body_len,
+    );
+    assert_eq!(
+        moved, built,
+        "moving the request's headers must give the same side call"
+    );
     let set_value = |name: &str| {
         target
             .set_headers
@@ -145,6 +156,28 @@ pub fn check_build_headers(
                 values,
                 vec![key.as_bytes()],
                 "idempotency header {name:?} must carry exactly the derived key"
+            );
+        }
+    }
+
+    // Every request header that no rule above drops reaches the side call.
+    for (name, value) in request {
+        let te_trailers = name == "te" && value.eq_ignore_ascii_case(b"trailers");
+        let dropped = (headers::is_hop_by_hop(name) && !te_trailers)
+            || name == marker_header
+            || connection_listed.contains(name)
+            || target.remove_headers.contains(name)
+            || (target.strip_credentials && headers::is_credential(name))
+            || idempotency_header == Some(name.as_str())
+            || set_value(name).is_some();
+        let rewritten = matches!(
+            (name.as_str(), &target.authority, &target.path),
+            (":authority", Some(_), _) | (":path", _, Some(_))
+        );
+        if !dropped && !rewritten {
+            assert!(
+                built.iter().any(|(n, v)| n == name && v == value),
+                "{name}: {value:?} was dropped, but no rule drops it"
             );
         }
     }

@@ -187,6 +187,13 @@ pub struct Target {
     /// Header that carries a key stable across retries and hops.
     pub idempotency_header: Option<String>,
     pub dead_letter: Option<DeadLetter>,
+    /// The marker header's value on this target's side calls,
+    /// `<rule>/<target>`, built once here instead of once per request.
+    pub marker_value: String,
+    /// Request headers that never travel to this target, sorted for a
+    /// binary search: hop-by-hop headers, the marker header, removed and
+    /// set headers, the idempotency header, and credentials when stripped.
+    pub dropped_headers: Vec<String>,
 }
 
 impl Config {
@@ -771,7 +778,7 @@ fn compile_rule(
     let mut targets: Vec<Target> = Vec::with_capacity(raw.targets.len());
     for (j, raw_target) in raw.targets.into_iter().enumerate() {
         let target_path = format!("{path}.targets[{j}]");
-        let target = compile_target(&target_path, raw_target, marker_header, raw.mode)?;
+        let target = compile_target(&target_path, raw_target, &raw.name, marker_header, raw.mode)?;
         if let Some(previous) = targets.iter().position(|t| t.name == target.name) {
             return Err(error(
                 field(&target_path, "name"),
@@ -898,6 +905,7 @@ fn compile_header_match(path: &str, raw: RawHeaderMatch) -> Result<HeaderMatcher
 fn compile_target(
     path: &str,
     raw: RawTarget,
+    rule_name: &str,
     marker_header: &str,
     mode: Mode,
 ) -> Result<Target, ConfigError> {
@@ -1026,7 +1034,31 @@ fn compile_target(
         Some(d) => Some(compile_dead_letter(&field(path, "dead_letter"), d)?),
     };
 
+    // Inserted in order, so the sort code of the standard library stays
+    // out of the module.
+    let mut dropped_headers: Vec<String> = Vec::new();
+    let credentials = if raw.strip_credentials {
+        headers::CREDENTIALS
+    } else {
+        &[]
+    };
+    let names = headers::HOP_BY_HOP
+        .iter()
+        .chain(credentials)
+        .copied()
+        .chain([marker_header])
+        .chain(remove_headers.iter().map(String::as_str))
+        .chain(set_headers.iter().map(|(name, _)| name.as_str()))
+        .chain(idempotency_header.as_deref());
+    for name in names {
+        if let Err(at) = dropped_headers.binary_search_by(|d| d.as_str().cmp(name)) {
+            dropped_headers.insert(at, name.to_owned());
+        }
+    }
+
     Ok(Target {
+        marker_value: format!("{rule_name}/{}", raw.name),
+        dropped_headers,
         name: raw.name,
         cluster: raw.cluster,
         timeout_ms: raw.timeout_ms,

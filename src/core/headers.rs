@@ -7,7 +7,7 @@ pub type HeaderList = Vec<(String, Vec<u8>)>;
 /// Headers that describe one connection and must not travel on the side
 /// call (RFC 9110 section 7.6.1, plus the HTTP/2 upgrade header).
 /// `content-length` is recomputed for the side call's own body.
-const HOP_BY_HOP: &[&str] = &[
+pub const HOP_BY_HOP: &[&str] = &[
     "connection",
     "content-length",
     "http2-settings",
@@ -25,7 +25,7 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 
 /// Headers that carry the client's credentials. A shadow target is often a
 /// less trusted service, so side calls drop them unless a target opts in.
-const CREDENTIALS: &[&str] = &["authorization", "cookie", "proxy-authorization"];
+pub const CREDENTIALS: &[&str] = &["authorization", "cookie", "proxy-authorization"];
 
 pub fn is_credential(name: &str) -> bool {
     CREDENTIALS.contains(&name)

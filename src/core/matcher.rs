@@ -61,6 +61,15 @@ impl RequestMatcher {
         self.headers.iter().all(|h| h.matches(request_headers))
     }
 
+    /// Reports whether `path` passes the path condition, whatever the
+    /// method and headers. The filter reads `:path` first and skips the
+    /// `:method` read for requests whose path no rule accepts.
+    pub fn path_allows(&self, path: &[u8]) -> bool {
+        self.path
+            .as_ref()
+            .is_none_or(|matcher| matcher.matches(path))
+    }
+
     /// Reports whether every method and every origin-form path (one that
     /// starts with `/`) pass the method and path conditions.
     pub fn accepts_any_method_and_path(&self) -> bool {
@@ -144,6 +153,27 @@ mod tests {
         assert!(matcher.matches(&request("PUT", "/", &[])));
         assert!(!matcher.matches(&request("GET", "/", &[])));
         assert!(!matcher.matches(&request("post", "/", &[])));
+    }
+
+    #[test]
+    fn path_allows_ignores_method_and_headers() {
+        let matcher = RequestMatcher {
+            methods: vec!["POST".into()],
+            path: Some(PathMatcher::Exact("/api/v1/register".into())),
+            headers: vec![HeaderMatcher {
+                name: "x-tenant".into(),
+                value: ValueMatcher::Present(true),
+            }],
+        };
+        for path in ["/api/v1/register", "/api/v1/register?x=1", "/bench", ""] {
+            let full = request("POST", path, &[("x-tenant", b"a")]);
+            assert_eq!(
+                matcher.path_allows(path.as_bytes()),
+                matcher.matches(&full),
+                "{path}"
+            );
+        }
+        assert!(RequestMatcher::default().path_allows(b"/anything"));
     }
 
     #[test]

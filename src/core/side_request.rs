@@ -20,41 +20,110 @@ pub fn build_headers(
     marker_value: &str,
     body_len: Option<usize>,
 ) -> HeaderList {
-    let connection_listed = connection_tokens(request);
-    let mut out: HeaderList = Vec::with_capacity(request.len() + target.set_headers.len() + 2);
+    build_headers_from(
+        request.to_vec(),
+        target,
+        marker_header,
+        marker_value,
+        body_len,
+    )
+}
 
-    for (name, value) in request {
-        let name = name.as_str();
-        // `te: trailers` is the one TE value HTTP/2 allows, and gRPC
-        // servers require it.
-        let te_trailers = name == "te" && value.eq_ignore_ascii_case(b"trailers");
-        if (headers::is_hop_by_hop(name) && !te_trailers)
-            || name == marker_header
-            || connection_listed.iter().any(|t| t == name)
-            || target.remove_headers.iter().any(|r| r == name)
-            || (target.strip_credentials && headers::is_credential(name))
-            || target.idempotency_header.as_deref() == Some(name)
-            || target.set_headers.iter().any(|(s, _)| s == name)
-        {
-            continue;
+/// [`build_headers`] for a request whose header list is not needed again:
+/// the kept headers move into the side call instead of being copied.
+pub fn build_headers_from(
+    mut request: HeaderList,
+    target: &Target,
+    marker_header: &str,
+    marker_value: &str,
+    body_len: Option<usize>,
+) -> HeaderList {
+    let filter = Filter::new(&request, target, marker_header);
+    let key = idempotency_key(&request, target, marker_value);
+    request.retain(|(name, value)| filter.keeps(name, value));
+    complete(request, key, target, marker_header, marker_value, body_len)
+}
+
+/// Decides which request headers travel to one target.
+struct Filter<'a> {
+    target: &'a Target,
+    marker_header: &'a str,
+    connection_listed: Vec<String>,
+}
+
+impl<'a> Filter<'a> {
+    fn new(request: &[(String, Vec<u8>)], target: &'a Target, marker_header: &'a str) -> Self {
+        Filter {
+            target,
+            marker_header,
+            connection_listed: connection_tokens(request),
         }
-        let value = match (name, &target.authority, &target.path) {
-            (":authority", Some(authority), _) => authority.as_bytes().to_vec(),
-            (":path", _, Some(path)) => path.as_bytes().to_vec(),
-            _ => value.clone(),
-        };
-        out.push((name.to_string(), value));
     }
 
+    fn keeps(&self, name: &str, value: &[u8]) -> bool {
+        let target = self.target;
+        if name == self.marker_header || self.connection_listed.iter().any(|t| t == name) {
+            return false;
+        }
+        // `te: trailers` is the one TE value HTTP/2 allows, and gRPC
+        // servers require it, so it escapes the hop-by-hop entry of
+        // `dropped_headers` but not the target's own edits.
+        if name == "te" && value.eq_ignore_ascii_case(b"trailers") {
+            return !(target.remove_headers.iter().any(|r| r == name)
+                || target.set_headers.iter().any(|(s, _)| s == name)
+                || target.idempotency_header.as_deref() == Some(name));
+        }
+        target
+            .dropped_headers
+            .binary_search_by(|dropped| dropped.as_str().cmp(name))
+            .is_err()
+    }
+}
+
+/// Derives this target's idempotency key from the request's
+/// `x-request-id`. Returns `None` when the target sets no key or the
+/// request has no id.
+fn idempotency_key(
+    request: &[(String, Vec<u8>)],
+    target: &Target,
+    marker_value: &str,
+) -> Option<String> {
+    target.idempotency_header.as_ref()?;
+    // Without a request id there is nothing stable to derive it from.
+    let request_id = headers::first(request, "x-request-id")?;
+    Some(retry::idempotency_key(
+        request_id,
+        rule_of(marker_value),
+        &target.name,
+    ))
+}
+
+/// Rewrites the pseudo-headers the target replaces and appends the
+/// headers the filter sets.
+fn complete(
+    mut out: HeaderList,
+    idempotency_key: Option<String>,
+    target: &Target,
+    marker_header: &str,
+    marker_value: &str,
+    body_len: Option<usize>,
+) -> HeaderList {
+    for (name, value) in &mut out {
+        let rewrite = match name.as_str() {
+            ":authority" => target.authority.as_deref(),
+            ":path" => target.path.as_deref(),
+            _ => None,
+        };
+        if let Some(rewrite) = rewrite {
+            *value = rewrite.as_bytes().to_vec();
+        }
+    }
+    out.reserve(target.set_headers.len() + 3);
     for (name, value) in &target.set_headers {
         out.push((name.clone(), value.as_bytes().to_vec()));
     }
-    if let Some(name) = &target.idempotency_header {
-        // Without a request id there is nothing stable to derive it from.
-        if let Some(request_id) = headers::first(request, "x-request-id") {
-            let key = retry::idempotency_key(request_id, rule_of(marker_value), &target.name);
-            out.push((name.clone(), key.into_bytes()));
-        }
+    if let (Some(name), Some(key)) = (&target.idempotency_header, idempotency_key) {
+        out.push((name.clone(), key.into_bytes()));
     }
     out.push((marker_header.to_string(), marker_value.as_bytes().to_vec()));
     if let Some(len) = body_len {
@@ -455,5 +524,51 @@ mod tests {
         );
         let markers: Vec<&[u8]> = headers::values(&built, "x-mesh-fanout").collect();
         assert_eq!(markers, vec![b"r/t".as_slice()]);
+    }
+
+    #[test]
+    fn moved_headers_match_copied_ones() {
+        let mut req = request();
+        req.push(("te".into(), b"trailers".to_vec()));
+        req.push(("x-mesh-fanout".into(), b"spoofed".to_vec()));
+        let targets = [
+            r#"{"name": "t", "cluster": "c"}"#,
+            r#"{"name": "t", "cluster": "c", "strip_credentials": false,
+                "authority": "side.example", "path": "/shadow",
+                "idempotency_header": "idempotency-key",
+                "headers": {"set": {"x-source": "shadow"}, "remove": ["x-multi"]}}"#,
+        ];
+        for json in targets {
+            let target = target(json);
+            for body_len in [None, Some(11)] {
+                let copied = build_headers(&req, &target, "x-mesh-fanout", "r/t", body_len);
+                let moved =
+                    build_headers_from(req.clone(), &target, "x-mesh-fanout", "r/t", body_len);
+                assert_eq!(moved, copied, "target {json}, body {body_len:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn dropped_headers_sorted_for_binary_search() {
+        let target = target(
+            r#"{"name": "t", "cluster": "c", "headers": {"set": {"a-first": "1"}, "remove": ["zz-last"]}}"#,
+        );
+        let mut sorted = target.dropped_headers.clone();
+        sorted.sort();
+        assert_eq!(target.dropped_headers, sorted);
+        for name in [
+            "a-first",
+            "zz-last",
+            "connection",
+            "authorization",
+            "x-mesh-fanout",
+        ] {
+            assert!(
+                target.dropped_headers.iter().any(|d| d == name),
+                "{name} missing"
+            );
+        }
+        assert_eq!(target.marker_value, "r/t");
     }
 }

@@ -274,39 +274,52 @@ impl Stream {
                 None
             };
         let max_in_flight = pending.active.config.limits.max_in_flight;
-        let Some(rule) = pending.active.config.rules.get(pending.rule) else {
-            return;
-        };
+        let mut room = max_in_flight.saturating_sub(self.worker.in_flight());
+        let mut calls: Vec<usize> = Vec::with_capacity(pending.targets.len());
         for target in &pending.targets {
             if let Some(reason) = target.skip {
                 skip(&pending, target.index, reason);
-                continue;
-            }
-            if self.worker.in_flight() >= max_in_flight {
+            } else if room == 0 {
                 skip(&pending, target.index, Skip::InFlightLimit);
-                continue;
-            }
-            let Some(config) = rule.targets.get(target.index) else {
-                skip(&pending, target.index, Skip::Aborted);
-                continue;
-            };
-            let side_body = if target.wants_body {
-                body.clone()
             } else {
-                None
+                room -= 1;
+                calls.push(target.index);
+            }
+        }
+        let Some(rule) = pending.active.config.rules.get(pending.rule) else {
+            return;
+        };
+        let last = calls.len().saturating_sub(1);
+        for (position, &index) in calls.iter().enumerate() {
+            let Some(config) = rule.targets.get(index) else {
+                skip(&pending, index, Skip::Aborted);
+                continue;
             };
-            let marker_value = format!("{}/{}", rule.name, config.name);
-            let side_headers = side_request::build_headers(
-                &pending.headers,
-                config,
-                &pending.active.config.marker_header,
-                &marker_value,
-                side_body.as_ref().map(|b| b.len()),
-            );
+            let side_body = if config.body { body.clone() } else { None };
+            let body_len = side_body.as_ref().map(|b| b.len());
+            let marker_header = &pending.active.config.marker_header;
+            // The last call takes the request's headers instead of a copy.
+            let side_headers = if position == last {
+                side_request::build_headers_from(
+                    std::mem::take(&mut pending.headers),
+                    config,
+                    marker_header,
+                    &config.marker_value,
+                    body_len,
+                )
+            } else {
+                side_request::build_headers(
+                    &pending.headers,
+                    config,
+                    marker_header,
+                    &config.marker_value,
+                    body_len,
+                )
+            };
             self.worker.hand_off(SideCall {
                 active: Rc::clone(&pending.active),
                 rule: pending.rule,
-                target: target.index,
+                target: index,
                 headers: side_headers,
                 body: side_body,
                 request_id: Rc::clone(&pending.request_id),
@@ -383,8 +396,10 @@ impl Stream {
     }
 }
 
-/// Matches on `:method` and `:path` alone, read with two small host calls,
+/// Matches on `:path` and `:method` alone, read with small host calls,
 /// so a request that no rule can match never copies the whole header map.
+/// `:path` comes first: each read costs a call from Envoy into the VM to
+/// allocate the value, and a path that no rule accepts saves the second.
 fn could_match(active: &Active) -> bool {
     let read = |name: &str| {
         hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
@@ -392,9 +407,14 @@ fn could_match(active: &Active) -> bool {
             .flatten()
             .unwrap_or_default()
     };
+    let path = read(":path");
+    let rules = &active.config.rules;
+    if !rules.iter().any(|rule| rule.matcher.path_allows(&path)) {
+        return false;
+    }
     let probe = vec![
         (":method".to_string(), read(":method")),
-        (":path".to_string(), read(":path")),
+        (":path".to_string(), path),
     ];
     active.config.first_match(&probe).is_some()
 }

@@ -174,9 +174,12 @@ impl Report {
              each of those delays. In 6-slow the side upstream waits {} ms; in \
              6-dead nothing listens on its port. The rule of 7 matches `POST \
              /api/v1/register` by method and path, so for other requests the filter \
-             reads only `:method` and `:path`; 7-headers adds a header matcher, which \
-             makes the filter copy every request's whole header map. 1-again repeats \
-             1 after the other closed-loop runs.\n",
+             reads only `:path`; 7-headers adds a header matcher, which makes the \
+             filter copy every request's whole header map. 0-dispatch sends its side \
+             call from the request's context, whose response the proxy-wasm SDK \
+             drops once the request is gone; 0-handoff sends it from the root \
+             context, as mesh-fanout does, which keeps every outcome. 1-again \
+             repeats 1 after the other closed-loop runs.\n",
             FANOUT_PRIMARY_DELAY_US as f64 / 1000.0,
             FANOUT_SIDE_DELAY_US as f64 / 1000.0,
             SLOW_SIDE_DELAY_US as f64 / 1000.0
@@ -257,11 +260,16 @@ impl Report {
                 "0",
                 "the cheapest proxy-wasm side call: one header copy, the dispatch, Envoy's async client",
             ),
-            ("7", "0", "mesh-fanout with no rule matching: reading `:method` and `:path`"),
+            (
+                "0-handoff",
+                "0-dispatch",
+                "handing the side call to the root context, so its response outlives the request",
+            ),
+            ("7", "0", "mesh-fanout with no rule matching: reading `:path`"),
             (
                 "3-sampled-out",
                 "7",
-                "a rule matches: the whole header map copied instead of two headers, matching, sampling, two counters",
+                "a rule matches: the whole header map copied instead of `:path`, matching, sampling, two counters",
             ),
             (
                 "3",
@@ -270,8 +278,8 @@ impl Report {
             ),
             (
                 "3",
-                "0-dispatch",
-                "mesh-fanout's shadow beyond the cheapest proxy-wasm side call",
+                "0-handoff",
+                "mesh-fanout's shadow beyond the cheapest side call that keeps its outcome",
             ),
         ];
         let rows: Vec<String> = steps

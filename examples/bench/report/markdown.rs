@@ -346,16 +346,19 @@ impl Report {
              the JSON has the figures of each run. The load average column, in both \
              tables, is the 1-minute load average once the phase's Envoy was ready. CPU per request is higher than in \
              the closed loop. A likely reason, not measured here, is that Envoy \
-             handles fewer requests per event-loop wake-up at a fixed rate.\n",
+             handles fewer requests per event-loop wake-up at a fixed rate. \
+             Every scenario of a group gets the same rate, so Envoy's CPU busy share \
+             grows with its CPU per request, and requests queue behind each other \
+             more often as it grows: compare the busy and p99 columns.\n",
             self.settings.rate_runs, self.settings.rate_duration_s
         );
         let _ = writeln!(
             md,
-            "| id | rate req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | p99 × no filter | p99 × mirror | Envoy CPU µs/req | side calls completed / requests | failed requests | load average |"
+            "| id | rate req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | p99 × no filter | p99 × mirror | Envoy CPU µs/req | Envoy CPU busy | side calls completed / requests | failed requests | load average |"
         );
         let _ = writeln!(
             md,
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"
         );
         for result in &self.scenarios {
             let Some(run) = &result.fixed_rate else {
@@ -364,7 +367,7 @@ impl Report {
             let ratios = result.ratios.as_ref();
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {:.1} | {} | {} | {:.2} |",
+                "| {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {:.1} | {:.0} % | {} | {} | {:.2} |",
                 result.id,
                 run.rate.unwrap_or(f64::NAN),
                 run.client.percentile("p50"),
@@ -374,6 +377,7 @@ impl Report {
                 ratio_text(ratios.and_then(|r| r.p99_vs_no_filter)),
                 ratio_text(ratios.and_then(|r| r.p99_vs_mirror)),
                 run.envoy_cpu_us_per_request,
+                run.envoy_cpu_busy_percent,
                 side_text(run),
                 run.client.failed(),
                 run.load_average[0]

@@ -83,9 +83,9 @@ STEPS = [
     ("0", "1", "any proxy-wasm filter: a context and its callbacks"),
     ("0-dispatch", "0", "the cheapest proxy-wasm side call"),
     ("0-handoff", "0-dispatch", "handing the side call to the root context"),
-    ("7", "0", "mesh-fanout, no rule matches: `:method` and `:path` read"),
+    ("7", "0", "mesh-fanout, no rule matches: `:path` read"),
     ("3-sampled-out", "7", "mesh-fanout, a rule matches: the whole header map copied instead of "
-     "two headers, matching, sampling"),
+     "`:path`, matching, sampling"),
     ("3", "3-sampled-out", "mesh-fanout's side call: handoff, dispatch, response, stats"),
     ("3", "0-dispatch", "mesh-fanout's shadow beyond the cheapest proxy-wasm side call"),
     ("3", "0-handoff", "mesh-fanout's shadow beyond the cheapest side call that keeps its "

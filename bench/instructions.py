@@ -128,6 +128,8 @@ def render(module, plugin_json, ports):
         "ADMIN_PORT": ports["admin"],
         "PRIMARY_PORT": ports["primary"],
         "SIDE_PORT": ports["side"],
+        # No scenario here uses the slow side, so it may point nowhere.
+        "SLOW_SIDE_PORT": ports["dead"],
         "DEAD_PORT": ports["dead"],
     }
     out = []
@@ -135,7 +137,8 @@ def render(module, plugin_json, ports):
         placeholder = line.strip()
         if placeholder == "${ROUTE_MIRROR}":
             if module == "mirror":
-                out += [indent_of(line) + m for m in template("mirror-policy.yaml") if m.strip()]
+                out += [indent_of(line) + m.replace("${MIRROR_CLUSTER}", "side")
+                        for m in template("mirror-policy.yaml") if m.strip()]
             continue
         if placeholder == "${WASM_FILTER}":
             if module not in ("none", "mirror"):

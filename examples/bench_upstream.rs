@@ -33,18 +33,42 @@ const MAX_DELAY: Duration = Duration::from_secs(10);
 const MAX_LISTENERS: usize = 16;
 
 const USAGE: &str = "\
-usage: bench_upstream [--listeners N]
+usage: bench_upstream [--listeners N] [--slow-listener-delay-us US]
 
 Serves HTTP/1.1 on N ports of 127.0.0.1 (default 1, at most 16) chosen by the
 OS, prints `listening 127.0.0.1:PORT ...` and serves until killed. Every
 response is `200 ok`, sent after the delay in the request header
-x-bench-delay-us (microseconds, at most 10 s; none when missing).";
+x-bench-delay-us (microseconds, at most 10 s; none when missing).
 
-fn parse_listeners(mut args: impl Iterator<Item = String>) -> Result<Option<usize>, String> {
+--slow-listener-delay-us adds one more port, printed last, whose responses
+wait US microseconds when the request sets no delay. Envoy's built-in mirror
+copies the client's headers and cannot add one, so this is its slow side.";
+
+struct Options {
+    listeners: usize,
+    slow_listener_delay: Option<Duration>,
+}
+
+fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
     let mut listeners = 1;
+    let mut slow_listener_delay = None;
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
+            "--slow-listener-delay-us" => {
+                let value = args
+                    .next()
+                    .ok_or("missing value for --slow-listener-delay-us")?;
+                let delay = value
+                    .parse::<u64>()
+                    .ok()
+                    .map(Duration::from_micros)
+                    .filter(|delay| !delay.is_zero() && *delay <= MAX_DELAY)
+                    .ok_or_else(|| {
+                        format!("invalid value {value:?} for --slow-listener-delay-us; use 1 to 10000000")
+                    })?;
+                slow_listener_delay = Some(delay);
+            }
             "--listeners" => {
                 let value = args.next().ok_or("missing value for --listeners")?;
                 listeners = value
@@ -58,12 +82,15 @@ fn parse_listeners(mut args: impl Iterator<Item = String>) -> Result<Option<usiz
             _ => return Err(format!("unknown option {flag:?}")),
         }
     }
-    Ok(Some(listeners))
+    Ok(Some(Options {
+        listeners,
+        slow_listener_delay,
+    }))
 }
 
 fn main() -> ExitCode {
-    let listeners = match parse_listeners(std::env::args().skip(1)) {
-        Ok(Some(listeners)) => listeners,
+    let options = match parse_options(std::env::args().skip(1)) {
+        Ok(Some(options)) => options,
         Ok(None) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -84,7 +111,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(listeners)) {
+    match runtime.block_on(serve(options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("error: {message}");
@@ -93,10 +120,13 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(count: usize) -> Result<(), String> {
-    let mut addresses = Vec::with_capacity(count);
-    let mut accept_tasks = Vec::with_capacity(count);
-    for _ in 0..count {
+async fn serve(options: Options) -> Result<(), String> {
+    let delays = std::iter::repeat_n(Duration::ZERO, options.listeners)
+        .chain(options.slow_listener_delay)
+        .collect::<Vec<_>>();
+    let mut addresses = Vec::with_capacity(delays.len());
+    let mut accept_tasks = Vec::with_capacity(delays.len());
+    for default_delay in delays {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| format!("binding 127.0.0.1:0 failed: {e}"))?;
@@ -104,7 +134,7 @@ async fn serve(count: usize) -> Result<(), String> {
             .local_addr()
             .map_err(|e| format!("reading the bound address failed: {e}"))?;
         addresses.push(address.to_string());
-        accept_tasks.push(tokio::spawn(accept_loop(listener, address)));
+        accept_tasks.push(tokio::spawn(accept_loop(listener, address, default_delay)));
     }
     println!("listening {}", addresses.join(" "));
 
@@ -114,7 +144,7 @@ async fn serve(count: usize) -> Result<(), String> {
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, address: SocketAddr) {
+async fn accept_loop(listener: TcpListener, address: SocketAddr, default_delay: Duration) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -132,7 +162,10 @@ async fn accept_loop(listener: TcpListener, address: SocketAddr) {
             // Errors here are peers hanging up, which Envoy does when it drains.
             let _ = http1::Builder::new()
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service_fn(respond))
+                .serve_connection(
+                    TokioIo::new(stream),
+                    service_fn(move |request| respond(request, default_delay)),
+                )
                 .await;
         });
     }
@@ -140,15 +173,14 @@ async fn accept_loop(listener: TcpListener, address: SocketAddr) {
 
 async fn respond(
     request: hyper::Request<Incoming>,
+    default_delay: Duration,
 ) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
     let delay = request
         .headers()
         .get(DELAY_HEADER)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok())
-        .map_or(Duration::ZERO, |us| {
-            Duration::from_micros(us).min(MAX_DELAY)
-        });
+        .map_or(default_delay, |us| Duration::from_micros(us).min(MAX_DELAY));
 
     // Read the body to the end and drop each frame, so a 64 KiB upload costs
     // no allocation beyond hyper's read buffer.

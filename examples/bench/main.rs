@@ -47,7 +47,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use measure::Bench;
 use process::Pinned;
 use report::{Report, ScenarioResult};
-use scenario::{Scenario, SCENARIOS};
+use scenario::{Scenario, SCENARIOS, SLOW_SIDE_DELAY_US};
 use support::envoy::{free_port, try_envoy_bin, try_wasm_path};
 
 const USAGE: &str = "\
@@ -124,9 +124,9 @@ fn parse_options(args: &[String]) -> Result<Option<Options>, String> {
         warmup: Duration::from_millis(if smoke { 100 } else { 1000 }),
         connections: if smoke { 4 } else { 32 },
         // At a fixed rate Envoy spends 1.5 to 1.8 times the closed loop's CPU
-        // per request, so half the lowest closed-loop throughput kept the
-        // dearest scenario (side down) 92 % busy, where p99 measures
-        // queueing collapse rather than the cost of a request.
+        // per request. Half the lowest closed-loop throughput therefore kept
+        // the costliest scenario (side down) 92 % busy, and there p99
+        // measures queueing collapse rather than the cost of a request.
         rate_fraction: 0.3,
         envoy_cpu: 0,
         load_cpu: 1,
@@ -289,9 +289,9 @@ async fn execute(
     }
 
     let (mut upstream, upstream_ports) = start_upstream().await?;
-    let [primary_port, side_port] = upstream_ports[..] else {
+    let [primary_port, side_port, slow_side_port] = upstream_ports[..] else {
         return Err(format!(
-            "bench_upstream printed {} ports, expected 2",
+            "bench_upstream printed {} ports, expected 3",
             upstream_ports.len()
         ));
     };
@@ -310,6 +310,7 @@ async fn execute(
         load_cpu,
         primary_port,
         side_port,
+        slow_side_port,
         dead_port: free_port(),
         bodies,
         starts: 0,
@@ -432,8 +433,8 @@ fn find_oha(flag: Option<&Path>) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("oha not found on PATH; {hint}"))
 }
 
-/// Starts examples/bench_upstream.rs, built beside this program, with two
-/// listeners (primary and side) and returns their ports.
+/// Starts examples/bench_upstream.rs, built beside this program, with three
+/// listeners (primary, side and slow side) and returns their ports.
 async fn start_upstream() -> Result<(Pinned, Vec<u16>), String> {
     let exe =
         std::env::current_exe().map_err(|e| format!("finding this program's path failed: {e}"))?;
@@ -450,7 +451,12 @@ async fn start_upstream() -> Result<(Pinned, Vec<u16>), String> {
         "bench_upstream",
         None,
         &upstream_bin,
-        &["--listeners".to_owned(), "2".to_owned()],
+        &[
+            "--listeners".to_owned(),
+            "2".to_owned(),
+            "--slow-listener-delay-us".to_owned(),
+            SLOW_SIDE_DELAY_US.to_string(),
+        ],
         Stdio::piped(),
         Stdio::inherit(),
     )?;

@@ -41,6 +41,7 @@ pub struct Bench {
     pub load_cpu: Option<usize>,
     pub primary_port: u16,
     pub side_port: u16,
+    pub slow_side_port: u16,
     pub dead_port: u16,
     /// Request body files by size.
     pub bodies: BTreeMap<usize, PathBuf>,
@@ -137,6 +138,7 @@ impl Bench {
             admin: free_port(),
             primary: self.primary_port,
             side: self.side_port,
+            slow_side: self.slow_side_port,
             dead: self.dead_port,
         };
         let yaml = scenario::render_bootstrap(
@@ -259,7 +261,7 @@ async fn settle(envoy: &BenchEnvoy) -> Result<(), String> {
 }
 
 fn is_in_flight_gauge(name: &str) -> bool {
-    let cluster_gauge = ["cluster.side.", "cluster.side_dead."]
+    let cluster_gauge = ["cluster.side.", "cluster.side_slow.", "cluster.side_dead."]
         .iter()
         .any(|prefix| name.starts_with(prefix))
         && (name.ends_with(".upstream_rq_active") || name.ends_with(".upstream_rq_pending_active"));
@@ -285,15 +287,16 @@ fn side_calls(
         | Setup::Floor {
             side_cluster: None, ..
         } => None,
-        Setup::Mirror
+        Setup::Mirror { cluster }
         | Setup::Floor {
-            side_cluster: Some(_),
+            side_cluster: Some(cluster),
             ..
         } => {
-            let completed = delta("cluster.side.upstream_rq_completed");
-            let success = delta("cluster.side.upstream_rq_2xx");
+            let source = format!("cluster.{cluster}.upstream_rq_completed");
+            let completed = delta(&source);
+            let success = delta(&format!("cluster.{cluster}.upstream_rq_2xx"));
             Some(SideCalls {
-                source: "cluster.side.upstream_rq_completed".to_owned(),
+                source,
                 matched: None,
                 completed,
                 success,

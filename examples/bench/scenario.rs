@@ -31,8 +31,8 @@ pub const REQUEST_PATH: &str = "/bench";
 pub enum Setup {
     /// Router only.
     NoFilter,
-    /// Router with the route's `request_mirror_policies` to the side cluster.
-    Mirror,
+    /// Router with the route's `request_mirror_policies` to this cluster.
+    Mirror { cluster: &'static str },
     /// examples/floor_filter.rs, loaded the way the mesh-fanout filter is.
     /// It does nothing, or with a side cluster, sends each request there
     /// the cheapest way proxy-wasm can.
@@ -60,7 +60,7 @@ impl Setup {
     pub fn describe(&self) -> &'static str {
         match self {
             Setup::NoFilter => "router only",
-            Setup::Mirror => "request_mirror_policies",
+            Setup::Mirror { .. } => "request_mirror_policies",
             Setup::Floor {
                 side_cluster: Some(_),
                 handoff: true,
@@ -131,6 +131,8 @@ pub struct Scenario {
     /// Whether `--smoke` runs it.
     pub in_smoke: bool,
 }
+
+const MIRROR: Setup = Setup::Mirror { cluster: "side" };
 
 const fn shadow_to(side_cluster: &'static str, side_delay_us: u64) -> Setup {
     Setup::Filter {
@@ -216,7 +218,7 @@ const fn with_closed_loop(mut scenario: Scenario) -> Scenario {
 /// change in background load between them is less likely.
 pub const SCENARIOS: &[Scenario] = &[
     smoke(get("1", "no filter", Setup::NoFilter)),
-    smoke(get("2", "built-in mirror", Setup::Mirror)),
+    smoke(get("2", "built-in mirror", MIRROR)),
     smoke(get(
         "0",
         "empty proxy-wasm filter",
@@ -269,6 +271,20 @@ pub const SCENARIOS: &[Scenario] = &[
         shadow_to("side", SLOW_SIDE_DELAY_US),
     ),
     get("6-dead", "shadow, side down", shadow_to("side_dead", 0)),
+    get(
+        "2-slow",
+        "built-in mirror, side 10 ms slow",
+        Setup::Mirror {
+            cluster: "side_slow",
+        },
+    ),
+    get(
+        "2-dead",
+        "built-in mirror, side down",
+        Setup::Mirror {
+            cluster: "side_dead",
+        },
+    ),
     smoke(get(
         "7",
         "filter, no rule matches",
@@ -310,15 +326,10 @@ pub const SCENARIOS: &[Scenario] = &[
         FANOUT_SIDE_DELAY_US,
     ),
     post("1-1k", "no filter, POST 1 KiB", Setup::NoFilter, 1024),
-    post("2-1k", "built-in mirror, POST 1 KiB", Setup::Mirror, 1024),
+    post("2-1k", "built-in mirror, POST 1 KiB", MIRROR, 1024),
     post("4-1k", "shadow, POST 1 KiB", shadow_to("side", 0), 1024),
     post("1-64k", "no filter, POST 64 KiB", Setup::NoFilter, 65536),
-    post(
-        "2-64k",
-        "built-in mirror, POST 64 KiB",
-        Setup::Mirror,
-        65536,
-    ),
+    post("2-64k", "built-in mirror, POST 64 KiB", MIRROR, 65536),
     smoke(post(
         "4-64k",
         "shadow, POST 64 KiB",
@@ -338,6 +349,9 @@ pub struct Ports {
     pub admin: u16,
     pub primary: u16,
     pub side: u16,
+    /// The upstream's port that waits [`SLOW_SIDE_DELAY_US`] before each
+    /// response that sets no delay.
+    pub slow_side: u16,
     /// A port that nothing listens on.
     pub dead: u16,
 }
@@ -356,7 +370,10 @@ pub fn render_bootstrap(
 ) -> Result<String, String> {
     let template = read_template(bench_dir, "envoy.yaml")?;
     let mirror = match scenario.setup {
-        Setup::Mirror => read_template(bench_dir, "mirror-policy.yaml")?,
+        Setup::Mirror { cluster } => fill(
+            &read_template(bench_dir, "mirror-policy.yaml")?,
+            &[("MIRROR_CLUSTER", cluster.to_owned())],
+        ),
         _ => String::new(),
     };
     let filter = match scenario.setup {
@@ -412,6 +429,7 @@ pub fn render_bootstrap(
             ("ADMIN_PORT", ports.admin.to_string()),
             ("PRIMARY_PORT", ports.primary.to_string()),
             ("SIDE_PORT", ports.side.to_string()),
+            ("SLOW_SIDE_PORT", ports.slow_side.to_string()),
             ("DEAD_PORT", ports.dead.to_string()),
             ("ROUTE_MIRROR", mirror),
             ("WASM_FILTER", filter),

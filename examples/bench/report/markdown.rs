@@ -172,7 +172,9 @@ impl Report {
             "\nIn 5 the primary upstream waits {} ms and the awaited side upstream {} ms; \
              5-primary and 5-side send the same requests without the filter, with \
              each of those delays. In 6-slow the side upstream waits {} ms; in \
-             6-dead nothing listens on its port. The rule of 7 matches `POST \
+             6-dead nothing listens on its port. 2-slow and 2-dead give the built-in \
+             mirror the same slow and dead side, which shows what a slow or dead \
+             side costs Envoy itself. The rule of 7 matches `POST \
              /api/v1/register` by method and path, so for other requests the filter \
              reads only `:path`; 7-headers adds a header matcher, which makes the \
              filter copy every request's whole header map. 0-dispatch sends its side \

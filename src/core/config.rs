@@ -6,7 +6,8 @@
 
 use std::fmt;
 
-use serde::Deserialize;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
 
 use super::headers;
 use super::json_path;
@@ -134,9 +135,9 @@ pub struct Rule {
 }
 
 /// How a rule treats its side calls.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "schema", serde(rename_all = "lowercase"))]
 pub enum Mode {
     /// Fire and forget: the client never waits for a side call.
     #[default]
@@ -146,15 +147,54 @@ pub enum Mode {
 }
 
 /// What a fan-out rule does when an awaited target fails.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "schema", serde(rename_all = "lowercase"))]
 pub enum OnFailure {
     /// The client gets the primary's response whatever the targets did.
     #[default]
     Ignore,
     /// The client gets a 502 that names the failed targets.
     Fail,
+}
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        variant(
+            deserializer,
+            &[("shadow", Mode::Shadow), ("fanout", Mode::Fanout)],
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for OnFailure {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        variant(
+            deserializer,
+            &[("ignore", OnFailure::Ignore), ("fail", OnFailure::Fail)],
+        )
+    }
+}
+
+/// Reads one of `variants` from a JSON string. serde_json reports a derived
+/// enum given another JSON type (`"mode": 1`) as a syntax error, which would
+/// read "invalid JSON" without the field, so the value is read as a string.
+fn variant<'de, D: Deserializer<'de>, T: Copy>(
+    deserializer: D,
+    variants: &[(&'static str, T)],
+) -> Result<T, D::Error> {
+    let name = String::deserialize(deserializer)?;
+    if let Some((_, value)) = variants.iter().find(|(known, _)| *known == name) {
+        return Ok(*value);
+    }
+    let expected = variants
+        .iter()
+        .map(|(known, _)| format!("`{known}`"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    Err(D::Error::custom(format!(
+        "unknown variant `{name}`, expected {expected}"
+    )))
 }
 
 impl Rule {
@@ -295,9 +335,10 @@ fn describe(bytes: &[u8], e: &serde_json::Error) -> ConfigError {
 /// Rust type names in serde's messages and the JSON terms that replace
 /// them, each starting at a space. No replacement contains another entry's
 /// pattern.
-const JSON_TERMS: [(&str, &str); 6] = [
+const JSON_TERMS: [(&str, &str); 7] = [
     (" expected f64", " expected a number"),
     (" expected u64", " expected a whole number of at least 0"),
+    (" expected u32", " expected a whole number of at least 0"),
     (" expected a boolean", " expected true or false"),
     (" expected a sequence", " expected an array"),
     (" sequence,", " array,"),
@@ -387,6 +428,7 @@ struct RawLimits {
     #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_LIMIT_VALUE)))]
     max_body_bytes_per_worker: u64,
     #[serde(default = "default_retry_budget_percent")]
+    #[cfg_attr(feature = "schema", schemars(range(max = 100)))]
     retry_budget_percent: u32,
     #[serde(default = "default_min_retry_concurrency")]
     min_retry_concurrency: u32,
@@ -407,10 +449,18 @@ fn default_min_retry_concurrency() -> u32 {
 )]
 #[serde(deny_unknown_fields, remote = "Self")]
 struct RawRetry {
+    #[cfg_attr(feature = "schema", schemars(range(min = 2, max = MAX_ATTEMPTS)))]
     attempts: u32,
     #[serde(default)]
     backoff_ms: RawBackoff,
     #[serde(default = "default_retry_on")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(
+            length(min = 1),
+            inner(regex(pattern = r"^(4xx|5xx|timeout|reset|overflow|dispatch_error)$"))
+        )
+    )]
     on: Vec<String>,
 }
 
@@ -423,8 +473,10 @@ struct RawRetry {
 #[serde(deny_unknown_fields, remote = "Self")]
 struct RawBackoff {
     #[serde(default = "default_backoff_base")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_TIMEOUT_MS)))]
     base: u64,
     #[serde(default = "default_backoff_max")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_TIMEOUT_MS)))]
     max: u64,
 }
 
@@ -458,10 +510,13 @@ fn default_retry_on() -> Vec<String> {
 )]
 #[serde(deny_unknown_fields, remote = "Self")]
 struct RawDeadLetter {
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = r"^[^\x00-\x20\x7f]+$")))]
     cluster: String,
     #[serde(default = "default_dead_letter_path")]
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = r"^/[^\x00-\x20\x7f]*$")))]
     path: String,
     #[serde(default = "default_timeout_ms")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_TIMEOUT_MS)))]
     timeout_ms: u64,
 }
 
@@ -572,6 +627,7 @@ struct RawTarget {
     #[serde(default = "default_sample_key")]
     sample_key: String,
     authority: Option<String>,
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = r"^/[^\x00-\x20\x7f]*$")))]
     path: Option<String>,
     #[serde(default)]
     headers: RawHeaderEdits,
@@ -585,9 +641,15 @@ struct RawTarget {
     #[serde(default = "default_true")]
     strip_credentials: bool,
     retry: Option<RawRetry>,
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = HEADER_NAME_PATTERN)))]
     idempotency_header: Option<String>,
     dead_letter: Option<RawDeadLetter>,
 }
+
+/// An HTTP token in either case, as header names in the configuration
+/// are; the plugin lowercases them and rejects a few more names.
+#[cfg(feature = "schema")]
+const HEADER_NAME_PATTERN: &str = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
 
 #[derive(Deserialize, Default)]
 #[cfg_attr(
@@ -604,6 +666,7 @@ struct RawHeaderEdits {
     )]
     set: SortedStringMap,
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(regex(pattern = HEADER_NAME_PATTERN))))]
     remove: Vec<String>,
 }
 
@@ -1215,6 +1278,14 @@ fn check_editable_header(field: &str, name: &str, marker_header: &str) -> Result
         ));
     }
     check_header_name(field, name)?;
+    // Envoy keeps the authority in `:authority` and would join a `host`
+    // header to it with a comma, which many servers reject with a 400.
+    if name == "host" {
+        return Err(error(
+            field,
+            "\"host\" is the request's authority; use the target's `authority` field instead",
+        ));
+    }
     if headers::is_hop_by_hop(name) {
         return Err(error(
             field,
@@ -1427,6 +1498,45 @@ mod tests {
     }
 
     #[test]
+    fn enum_of_wrong_type_named() {
+        for value in ["1", "true", "null", r#"["shadow"]"#] {
+            let json = format!(
+                r#"{{"rules": [{{"name": "r", "mode": {value}, "targets": [{{"name": "t", "cluster": "c"}}]}}]}}"#
+            );
+            let message = parse_err(&json);
+            assert!(
+                message.starts_with("rules[0].mode: invalid type:"),
+                "{value}: {message}"
+            );
+            assert!(message.contains("expected a string"), "{value}: {message}");
+        }
+        let message = parse_err(
+            r#"{"rules": [{"name": "r", "mode": "fanout", "on_failure": 0, "targets": [{"name": "t", "cluster": "c"}]}]}"#,
+        );
+        assert!(
+            message.starts_with("rules[0].on_failure: invalid type: integer `0`"),
+            "{message}"
+        );
+        assert_eq!(
+            parse_err(
+                r#"{"rules": [{"name": "r", "mode": "x", "targets": [{"name": "t", "cluster": "c"}]}]}"#
+            ),
+            "rules[0].mode: unknown variant `x`, expected `shadow` or `fanout`"
+        );
+    }
+
+    #[test]
+    fn negative_count_named_in_json_terms() {
+        let message = parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "retry": {"attempts": -1}}"#,
+        ));
+        assert_eq!(
+            message,
+            "rules[0].targets[0].retry.attempts: invalid value: integer `-1`, expected a whole number of at least 0"
+        );
+    }
+
+    #[test]
     fn struct_as_array_rejected() {
         let message = parse_err(&one_target(
             r#"{"name": "t", "cluster": "c", "retry": {"attempts": 2, "backoff_ms": [50, 1000]}}"#,
@@ -1468,7 +1578,11 @@ mod tests {
             ),
             (
                 "expected u32, expected f32, expected",
-                "expected u32, expected f32, expected",
+                "expected a whole number of at least 0, expected f32, expected",
+            ),
+            (
+                "expected u16, expected f32, expected",
+                "expected u16, expected f32, expected",
             ),
             ("é expected f64é e", "é expected a numberé e"),
             ("", ""),
@@ -1973,6 +2087,31 @@ mod tests {
         let json = r#"{"rules": [{"name": "r", "match": {"methods": ["GET", "post"]}, "targets": [{"name": "t", "cluster": "c"}]}]}"#;
         assert!(parse_err(json).starts_with("rules[0].match.methods[1]: invalid method \"post\""));
         assert!(parse_err(json).contains("\"POST\""));
+    }
+
+    #[test]
+    fn host_header_edits_rejected() {
+        for edits in [
+            r#"{"set": {"host": "evil.example"}}"#,
+            r#"{"remove": ["Host"]}"#,
+        ] {
+            let json = one_target(&format!(
+                r#"{{"name": "t", "cluster": "c", "headers": {edits}}}"#
+            ));
+            let message = parse_err(&json);
+            assert!(
+                message.contains("\"host\" is the request's authority"),
+                "{message}"
+            );
+            assert!(message.contains("`authority` field"), "{message}");
+        }
+        let message = parse_err(&one_target(
+            r#"{"name": "t", "cluster": "c", "idempotency_header": "host"}"#,
+        ));
+        assert!(
+            message.starts_with("rules[0].targets[0].idempotency_header: \"host\""),
+            "{message}"
+        );
     }
 
     #[test]

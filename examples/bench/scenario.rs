@@ -255,7 +255,7 @@ pub const SCENARIOS: &[Scenario] = &[
             handoff: true,
         },
     ),
-    get("3", "shadow, GET", shadow_to("side", 0)),
+    smoke(get("3", "shadow, GET", shadow_to("side", 0))),
     get(
         "3-sampled-out",
         "shadow rule matches, sampled out",

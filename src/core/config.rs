@@ -1331,7 +1331,10 @@ fn limit_value(field: &str, value: u64) -> Result<usize, ConfigError> {
 
 fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
     if name.is_empty() {
-        return Err(error(field, "empty; give it a name such as \"signup\""));
+        return Err(error(
+            field,
+            "empty; give it a name such as \"signup\" or \"analytics\"",
+        ));
     }
     let valid = name.len() <= MAX_NAME_LEN
         && name
@@ -1750,7 +1753,7 @@ mod tests {
     fn names_checked() {
         assert_eq!(
             parse_err(&one_target(r#"{"name": "", "cluster": "c"}"#)),
-            "rules[0].targets[0].name: empty; give it a name such as \"signup\""
+            "rules[0].targets[0].name: empty; give it a name such as \"signup\" or \"analytics\""
         );
         assert!(parse_err(&one_target(r#"{"name": "a.b", "cluster": "c"}"#))
             .starts_with("rules[0].targets[0].name: invalid name \"a.b\""));

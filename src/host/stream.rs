@@ -287,6 +287,9 @@ impl Stream {
             }
         }
         let Some(rule) = pending.active.config.rules.get(pending.rule) else {
+            for &index in &calls {
+                skip(&pending, index, Skip::Aborted);
+            }
             return;
         };
         let last = calls.len().saturating_sub(1);

@@ -252,6 +252,8 @@ fn schema_agrees_with_parser() {
         target(json!({"path": "shadow"})),
         target(json!({"path": "/shadow"})),
         target(json!({"headers": {"remove": ["bad name"]}})),
+        target(json!({"headers": {"set": {"bad name": "1"}}})),
+        target(json!({"headers": {"set": {"X-Source": "shadow"}}})),
         target(json!({"headers": {"remove": ["X-Debug"]}})),
         target(json!({"idempotency_header": "bad:name"})),
         target(json!({"idempotency_header": "Idempotency-Key"})),

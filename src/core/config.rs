@@ -662,7 +662,10 @@ struct RawHeaderEdits {
     #[serde(default)]
     #[cfg_attr(
         feature = "schema",
-        schemars(with = "std::collections::BTreeMap<String, String>")
+        schemars(
+            with = "std::collections::BTreeMap<String, String>",
+            extend("propertyNames" = {"pattern": HEADER_NAME_PATTERN})
+        )
     )]
     set: SortedStringMap,
     #[serde(default)]
@@ -841,7 +844,14 @@ fn compile_rule(
     let mut targets: Vec<Target> = Vec::with_capacity(raw.targets.len());
     for (j, raw_target) in raw.targets.into_iter().enumerate() {
         let target_path = format!("{path}.targets[{j}]");
-        let target = compile_target(&target_path, raw_target, &raw.name, marker_header, raw.mode)?;
+        let target = compile_target(
+            &target_path,
+            raw_target,
+            &raw.name,
+            marker_header,
+            raw.mode,
+            warnings,
+        )?;
         if let Some(previous) = targets.iter().position(|t| t.name == target.name) {
             return Err(error(
                 field(&target_path, "name"),
@@ -971,6 +981,7 @@ fn compile_target(
     rule_name: &str,
     marker_header: &str,
     mode: Mode,
+    warnings: &mut Vec<String>,
 ) -> Result<Target, ConfigError> {
     check_name(&field(path, "name"), &raw.name)?;
 
@@ -1031,6 +1042,14 @@ fn compile_target(
                 "{} rounds to 0 and would never sample; use 0 to turn the target off or at least 0.0001",
                 raw.sample_percent
             ),
+        ));
+    }
+    if sample_rate.percent() != raw.sample_percent {
+        warnings.push(format!(
+            "{}: {} is rounded to {}, because sampling works in steps of 0.0001 %",
+            field(path, "sample_percent"),
+            raw.sample_percent,
+            sample_rate.percent()
         ));
     }
 
@@ -1665,6 +1684,25 @@ mod tests {
             one_target(r#"{"name": "t", "cluster": "c", "sample_percent": 0.0001}"#).as_bytes()
         )
         .is_ok());
+    }
+
+    #[test]
+    fn fine_sample_percent_rounded_with_warning() {
+        let parsed = parse(
+            one_target(r#"{"name": "t", "cluster": "c", "sample_percent": 12.34567}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.warnings,
+            vec!["rules[0].targets[0].sample_percent: 12.34567 is rounded to 12.3457, because sampling works in steps of 0.0001 %"]
+        );
+        for exact in ["12.3457", "33.33", "0.1", "100", "0"] {
+            let json = one_target(&format!(
+                r#"{{"name": "t", "cluster": "c", "sample_percent": {exact}}}"#
+            ));
+            let parsed = parse(json.as_bytes()).unwrap();
+            assert!(parsed.warnings.is_empty(), "{exact}: {:?}", parsed.warnings);
+        }
     }
 
     #[test]

@@ -19,6 +19,11 @@ impl Rate {
         Rate(parts as u32)
     }
 
+    /// Returns the percentage this rate samples, a multiple of 0.0001.
+    pub fn percent(self) -> f64 {
+        f64::from(self.0) / 10_000.0
+    }
+
     pub fn always(self) -> bool {
         u64::from(self.0) >= BUCKETS
     }

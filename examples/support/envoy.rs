@@ -333,21 +333,48 @@ pub async fn admin_get(admin_port: u16, path: &str) -> Result<(u16, String), Str
 /// it, because Envoy listeners set SO_REUSEPORT, and split each other's
 /// connections. So the ports handed out are remembered.
 ///
-/// NOTE: another process can still take the port before the caller binds it.
+/// The port comes from below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`). Any outgoing connection or bind to
+/// port 0 takes its port from that range, so none can take this port before
+/// the caller binds it. A port from the range lost that race once in CI,
+/// and Envoy then failed with "Address already in use".
+///
+/// NOTE: a process that binds a fixed port below the range can still take it.
 pub fn free_port() -> u16 {
     static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("binding 127.0.0.1:0 failed")
-            .port();
-        let mut handed_out = HANDED_OUT
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if handed_out.insert(port) {
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (first, end) = fixed_port_range();
+    let span = u32::from(end - first);
+    // Concurrent test processes start their scans at different ports.
+    let seed = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for offset in 0..span {
+        let port = first + u16::try_from((seed + offset) % span).unwrap_or(0);
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
             return port;
         }
     }
+    panic!("no free port on 127.0.0.1 from {first} to {end}");
+}
+
+/// Ports from 10000 up to the start of the kernel's ephemeral range.
+fn fixed_port_range() -> (u16, u16) {
+    const FIRST: u16 = 10_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    assert!(
+        ephemeral_start > FIRST + 1_000,
+        "the ephemeral port range starts at {ephemeral_start}; free_port needs it above {}",
+        FIRST + 1_000
+    );
+    (FIRST, ephemeral_start)
 }
 
 /// Returns the Envoy binary: `$ENVOY_BIN`, else `<crate>/.venv/bin/envoy`.

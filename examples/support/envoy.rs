@@ -336,8 +336,8 @@ pub async fn admin_get(admin_port: u16, path: &str) -> Result<(u16, String), Str
 /// The port comes from below the kernel's ephemeral range
 /// (`net.ipv4.ip_local_port_range`). Any outgoing connection or bind to
 /// port 0 takes its port from that range, so none can take this port before
-/// the caller binds it. A port from the range lost that race once in CI,
-/// and Envoy then failed with "Address already in use".
+/// the caller binds it. With a port from the range, Envoy can fail to
+/// start with "Address already in use".
 ///
 /// NOTE: a process that binds a fixed port below the range can still take it.
 pub fn free_port() -> u16 {
@@ -359,7 +359,7 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    panic!("no free port on 127.0.0.1 from {first} to {end}");
+    panic!("no free port on 127.0.0.1 from {first} to {end}; stop what holds those ports");
 }
 
 /// Ports from 10000 up to the start of the kernel's ephemeral range.

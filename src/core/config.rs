@@ -646,8 +646,8 @@ struct RawTarget {
     dead_letter: Option<RawDeadLetter>,
 }
 
-/// An HTTP token in either case, as header names in the configuration
-/// are; the plugin lowercases them and rejects a few more names.
+/// Pattern of an HTTP token in either case, because the plugin lowercases
+/// header names from the configuration. The plugin rejects a few more.
 #[cfg(feature = "schema")]
 const HEADER_NAME_PATTERN: &str = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
 

@@ -275,25 +275,32 @@ impl Stream {
             };
         let max_in_flight = pending.active.config.limits.max_in_flight;
         let mut room = max_in_flight.saturating_sub(self.worker.in_flight());
-        let mut calls: Vec<usize> = Vec::with_capacity(pending.targets.len());
-        for target in &pending.targets {
-            if let Some(reason) = target.skip {
-                skip(&pending, target.index, reason);
-            } else if room == 0 {
-                skip(&pending, target.index, Skip::InFlightLimit);
+        for target in pending.targets.iter_mut().filter(|t| t.skip.is_none()) {
+            if room == 0 {
+                target.skip = Some(Skip::InFlightLimit);
             } else {
                 room -= 1;
-                calls.push(target.index);
             }
         }
-        let Some(rule) = pending.active.config.rules.get(pending.rule) else {
-            for &index in &calls {
-                skip(&pending, index, Skip::Aborted);
+        let rule = pending.active.config.rules.get(pending.rule);
+        for target in &pending.targets {
+            match (target.skip, rule) {
+                (Some(reason), _) => skip(&pending, target.index, reason),
+                (None, None) => skip(&pending, target.index, Skip::Aborted),
+                (None, Some(_)) => {}
             }
+        }
+        let Some(rule) = rule else {
             return;
         };
-        let last = calls.len().saturating_sub(1);
-        for (position, &index) in calls.iter().enumerate() {
+        let last = pending.targets.iter().rposition(|t| t.skip.is_none());
+        for position in 0..pending.targets.len() {
+            let Some(&PendingTarget {
+                index, skip: None, ..
+            }) = pending.targets.get(position)
+            else {
+                continue;
+            };
             let Some(config) = rule.targets.get(index) else {
                 skip(&pending, index, Skip::Aborted);
                 continue;
@@ -302,7 +309,7 @@ impl Stream {
             let body_len = side_body.as_ref().map(|b| b.len());
             let marker_header = &pending.active.config.marker_header;
             // The last call takes the request's headers instead of a copy.
-            let side_headers = if position == last {
+            let side_headers = if Some(position) == last {
                 side_request::build_headers_from(
                     std::mem::take(&mut pending.headers),
                     config,

@@ -187,6 +187,14 @@ fn replacements() -> Vec<Value> {
     .collect()
 }
 
+/// The full configuration and the JSON pointer of every value in it.
+fn config_and_pointers() -> (Value, Vec<String>) {
+    let config = full_config();
+    let mut all = Vec::new();
+    pointers(&config, "", &mut all);
+    (config, all)
+}
+
 #[test]
 fn full_config_accepted() {
     assert_eq!(scanned_error(full_config().to_string().as_bytes()), None);
@@ -194,9 +202,7 @@ fn full_config_accepted() {
 
 #[test]
 fn replaced_values_match_reference() {
-    let config = full_config();
-    let mut all = Vec::new();
-    pointers(&config, "", &mut all);
+    let (config, all) = config_and_pointers();
     let mut tally = Tally::default();
     for pointer in &all {
         for replacement in replacements() {
@@ -211,9 +217,7 @@ fn replaced_values_match_reference() {
 
 #[test]
 fn removed_members_match_reference() {
-    let config = full_config();
-    let mut all = Vec::new();
-    pointers(&config, "", &mut all);
+    let (config, all) = config_and_pointers();
     let mut tally = Tally::default();
     for pointer in &all {
         let (parent, token) = split_pointer(pointer);
@@ -260,9 +264,7 @@ fn repeated_members_match_reference() {
     // member and is replaced in the printed text by two copies of it.
     const PLACEHOLDER: &str = "\u{0}repeat\u{0}";
     let placeholder_json = serde_json::to_string(PLACEHOLDER).expect("a string serializes");
-    let config = full_config();
-    let mut all = Vec::new();
-    pointers(&config, "", &mut all);
+    let (config, all) = config_and_pointers();
     let mut tally = Tally::default();
     for pointer in &all {
         let (parent, key) = split_pointer(pointer);
